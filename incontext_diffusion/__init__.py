@@ -1,0 +1,3 @@
+"""incontext_diffusion (`icd`): Prompt Diffusion, Meta-Prompts and Diff-Prompt on one latent-diffusion core."""
+
+__version__ = "0.1.0"
