@@ -1,0 +1,328 @@
+"""Image I/O: the one place in the toolkit that opens, converts and saves images.
+
+Every loader goes through `open_image`, which checks the file (missing, folder, empty, not an
+image, truncated or corrupt, too many pixels) and raises a one-line `UserError` naming the path
+and the fix. Conventions:
+
+- `load_rgb` gives 8-bit RGB for the model: transparency is composited on white, CMYK and gray
+  are converted, 16-bit gray is scaled to 8 bit. It resizes with LANCZOS.
+- `load_map` gives the raw values of a map (labels, depth, edges) as a numpy array: 16-bit stays
+  16-bit, palette images give their indices (class ids). It resizes with NEAREST, so labels and
+  invalid-depth zeros are never blended.
+- Sizes are (width, height), as in PIL; an int means a square.
+- Tensors are CHW float32 in `value_range` (default -1..1, what diffusion VAEs expect); numpy
+  images are HxW or HxWxC.
+"""
+
+import os
+import uuid
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
+
+from incontext_diffusion.errors import UserError
+
+# Default pixel limit against decompression bombs: a small file can claim a huge canvas and
+# exhaust memory when decoded. 64 MP is well above any training or inference size we use.
+# Overridable per call (max_pixels=) or for a whole run with the ICD_MAX_PIXELS variable.
+MAX_PIXELS = 64_000_000
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+PathLike = str | os.PathLike
+
+
+def _pixel_limit(max_pixels: int | None) -> int:
+    if max_pixels is not None:
+        return max_pixels
+    value = os.environ.get("ICD_MAX_PIXELS")
+    if value is None:
+        return MAX_PIXELS
+    if not value.isdigit() or int(value) == 0:
+        raise UserError(f"ICD_MAX_PIXELS must be a positive whole number of pixels, got {value!r}")
+    return int(value)
+
+
+def open_image(path: PathLike, *, max_pixels: int | None = None) -> Image.Image:
+    """Open and fully decode one image file, with EXIF orientation applied and its mode kept.
+
+    `max_pixels` defaults to ICD_MAX_PIXELS if set, else `MAX_PIXELS`; the size is checked from
+    the header, before decoding. Raises `UserError` for any file problem.
+    """
+    path = Path(path)
+    limit = _pixel_limit(max_pixels)
+    if not path.exists():
+        raise UserError(f"image not found: '{path}'; check the path and its spelling")
+    if path.is_dir():
+        raise UserError(f"'{path}' is a folder, not an image file; pass one image file inside it")
+    if path.stat().st_size == 0:
+        raise UserError(f"image file '{path}' is empty (0 bytes); re-export or re-download it")
+    try:
+        # Pillow warns above its own soft limit; our check below, on the same header size, is the
+        # one that decides, so the warning would only be noise.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+        with image:
+            width, height = image.size
+            if width * height > limit:
+                raise UserError(
+                    f"image '{path}' is {width}x{height} = {width * height / 1e6:.1f} MP, above "
+                    f"the limit of {limit / 1e6:.1f} MP; if you trust the file, raise it with "
+                    f"ICD_MAX_PIXELS={width * height} (or max_pixels= in Python)"
+                )
+            image.load()
+            return ImageOps.exif_transpose(image)
+    except PermissionError:
+        raise UserError(
+            f"cannot read image '{path}': permission denied; fix the file's permissions"
+        ) from None
+    except UnidentifiedImageError:
+        raise UserError(
+            f"'{path}' is not an image Pillow can read; use a PNG, JPEG, WebP, BMP or TIFF file"
+        ) from None
+    except Image.DecompressionBombError as error:
+        raise UserError(
+            f"image '{path}' is above Pillow's hard pixel limit ({error}); downscale it first"
+        ) from None
+    except (OSError, SyntaxError, EOFError, ValueError) as error:
+        # A file cut short fails here: in the header (at open) or in the pixel data (at load).
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(
+            f"image '{path}' is truncated or corrupt ({reason}); re-export or re-download it"
+        ) from None
+
+
+def _to_8bit_gray(image: Image.Image) -> Image.Image:
+    # Pillow's own I;16 -> L conversion clips at 255 instead of scaling, so scale by hand.
+    values = np.clip(np.asarray(image, dtype=np.float64), 0, 65535)
+    return Image.fromarray(np.round(values / 257).astype(np.uint8))
+
+
+def _size_tuple(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def load_rgb(
+    source: PathLike | Image.Image | np.ndarray,
+    *,
+    size: int | tuple[int, int] | None = None,
+    max_pixels: int | None = None,
+) -> Image.Image:
+    """Load a file, PIL image or HxWx3 uint8 array as 8-bit RGB, resized with LANCZOS if `size`.
+
+    Transparent pixels (RGBA, LA, palette or gray with a transparent colour) are composited on
+    white; 16-bit and 32-bit integer gray ("I;16*", "I") is scaled from 0..65535 to 0..255.
+    """
+    if isinstance(source, np.ndarray):
+        if source.dtype != np.uint8 or source.ndim != 3 or source.shape[2] != 3:
+            raise ValueError(f"load_rgb expects HxWx3 uint8, got {source.dtype} {source.shape}")
+        image = Image.fromarray(source)
+    elif isinstance(source, Image.Image):
+        image = source
+    else:
+        image = open_image(source, max_pixels=max_pixels)
+
+    if image.mode.startswith("I"):
+        image = _to_8bit_gray(image)
+    if image.has_transparency_data:  # an alpha band, or a transparent colour in image.info
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, image.convert("RGBA"))
+    image = image.convert("RGB")  # no-op copy for RGB; gray expanded, CMYK converted
+
+    if size is not None and image.size != _size_tuple(size):
+        image = image.resize(_size_tuple(size), Image.Resampling.LANCZOS)
+    return image
+
+
+def load_map(
+    path: PathLike, *, size: int | tuple[int, int] | None = None, max_pixels: int | None = None
+) -> np.ndarray:
+    """Load a map (labels, depth, edges, normals) with its values kept, resized with NEAREST.
+
+    Returns HxW uint8 for "L" and "P" (palette indices, i.e. class ids) and "1" (0/255), HxW
+    uint16 for 16-bit ("I;16*", and "I" when its values fit), HxW float32 for "F", the gray
+    channel of "LA", and HxWx3 uint8 for every colour mode (alpha dropped, not composited).
+    """
+    image = open_image(path, max_pixels=max_pixels)
+    if size is not None and image.size != _size_tuple(size):
+        image = image.resize(_size_tuple(size), Image.Resampling.NEAREST)
+
+    if image.mode in ("L", "P"):
+        return np.array(image)
+    if image.mode == "1":
+        return np.array(image.convert("L"))
+    if image.mode == "LA":
+        return np.array(image.getchannel("L"))
+    if image.mode == "F":
+        return np.array(image, dtype=np.float32)
+    if image.mode.startswith("I"):
+        values = np.array(image)
+        if values.min() < 0 or values.max() > 65535:
+            raise UserError(
+                f"map '{path}' has values outside 0..65535 (32-bit image); save it as a 16-bit PNG"
+            )
+        return values.astype(np.uint16)  # also turns big-endian "I;16B" into native order
+    return np.array(image.convert("RGB"))
+
+
+def load_depth_png(path: PathLike, scale: float, *, max_pixels: int | None = None) -> np.ndarray:
+    """Load a 16-bit depth PNG as float32 metres = value / scale (NYUv2: 1000, KITTI: 256).
+
+    0 means "no measurement" and stays 0.
+    """
+    if scale <= 0:
+        raise UserError(f"depth scale must be positive (NYUv2: 1000, KITTI: 256), got {scale}")
+    values = load_map(path, max_pixels=max_pixels)
+    if values.dtype != np.uint16:
+        raise UserError(
+            f"depth map '{path}' is not a 16-bit single-channel image (read as {values.dtype}, "
+            f"shape {values.shape}); save depth as a 16-bit PNG, e.g. with save_depth_png"
+        )
+    return values.astype(np.float32) / np.float32(scale)
+
+
+def save_depth_png(path: PathLike, depth_m: np.ndarray, scale: float = 1000.0) -> None:
+    """Save HxW depth in metres as a 16-bit PNG of round(depth * scale), clipped to 0..65535.
+
+    Non-finite or negative depths are written as 0 (invalid). The write is atomic.
+    """
+    if Path(path).suffix.lower() != ".png":
+        raise UserError(f"depth maps are saved as 16-bit PNG; use a .png path instead of '{path}'")
+    depth = np.asarray(depth_m, dtype=np.float64)
+    if depth.ndim != 2:
+        raise ValueError(f"save_depth_png expects an HxW array, got shape {depth.shape}")
+    values = np.nan_to_num(np.round(depth * scale), nan=0.0, posinf=0.0, neginf=0.0)
+    save_image(Image.fromarray(np.clip(values, 0, 65535).astype(np.uint16)), path)
+
+
+def save_image(image: Image.Image, path: PathLike) -> None:
+    """Save atomically: write a hidden temp file in the same folder, then rename it over `path`.
+
+    A crash or error mid-write never leaves a half-written file at `path`. The format follows the
+    extension; missing parent folders are created.
+    """
+    path = Path(path)
+    image_format = Image.registered_extensions().get(path.suffix.lower())
+    if image_format is None:
+        raise UserError(
+            f"cannot save '{path}': unknown image extension '{path.suffix}'; use .png or .jpg"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Same folder, so os.replace is a rename on one file system; the leading dot hides it from
+    # list_images. open(..., "xb") keeps the usual permissions (unlike mkstemp's 0600).
+    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(temp, "xb") as file:
+            image.save(file, format=image_format)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def to_tensor(image: Image.Image, value_range: tuple[float, float] = (-1.0, 1.0)) -> torch.Tensor:
+    """An "L", "RGB" or "RGBA" image as a CHW float32 tensor with 0..255 mapped to `value_range`."""
+    if image.mode not in ("L", "RGB", "RGBA"):
+        raise ValueError(f"to_tensor expects an L, RGB or RGBA image, not {image.mode}; use load_rgb")
+    pixels = np.array(image, dtype=np.float32) / 255.0
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    low, high = value_range
+    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous() * (high - low) + low
+
+
+def to_pil(
+    array: torch.Tensor | np.ndarray, value_range: tuple[float, float] = (-1.0, 1.0)
+) -> Image.Image:
+    """A CHW tensor or an HxWxC / HxW numpy array (C = 1, 3 or 4) as a PIL image.
+
+    uint8 input is taken as pixels; anything else as floats in `value_range`, rounded and clipped.
+    """
+    if isinstance(array, torch.Tensor):
+        array = array.detach().cpu()
+        array = array if array.dtype == torch.uint8 else array.float()  # numpy has no bfloat16
+        array = (array.permute(1, 2, 0) if array.ndim == 3 else array).numpy()
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
+        raise ValueError(f"to_pil expects CHW or HxWxC with 1, 3 or 4 channels, got {array.shape}")
+    if array.dtype != np.uint8:
+        low, high = value_range
+        scaled = (array.astype(np.float32) - low) / (high - low) * 255.0
+        array = np.clip(np.round(scaled), 0, 255).astype(np.uint8)
+    return Image.fromarray(array)
+
+
+def make_grid(
+    images: list[Image.Image] | list[list[Image.Image]],
+    labels: list[str] | None = None,
+    ncols: int | None = None,
+    gap: int = 4,
+) -> Image.Image:
+    """Lay images out in a white RGB grid, each with an optional label strip above it.
+
+    `images` is a flat list (split into rows of `ncols`, default one row) or a list of rows.
+    `labels` has one entry per image in reading order; long labels are cut at the cell edge.
+    Cells are the size of the largest image; smaller images are centred.
+    """
+    if images and isinstance(images[0], list):
+        if ncols is not None:
+            raise ValueError("make_grid: pass ncols only with a flat list of images")
+        rows = images
+    else:
+        ncols = ncols or len(images)
+        rows = [images[i : i + ncols] for i in range(0, len(images), ncols)]
+    flat = [image for row in rows for image in row]
+    if not flat:
+        raise ValueError("make_grid needs at least one image")
+    if labels is not None and len(labels) != len(flat):
+        raise ValueError(f"make_grid got {len(labels)} labels for {len(flat)} images")
+
+    cell_w = max(image.width for image in flat)
+    cell_h = max(image.height for image in flat)
+    font = ImageFont.load_default()
+    label_h = font.getbbox("Ag")[3] + 4 if labels is not None else 0
+    ncols = max(len(row) for row in rows)
+    width = ncols * cell_w + (ncols - 1) * gap
+    height = len(rows) * (label_h + cell_h) + (len(rows) - 1) * gap
+    grid = Image.new("RGB", (width, height), "white")
+    index = 0
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            # Draw each cell on its own canvas so a long label is clipped at the cell edge.
+            cell = Image.new("RGB", (cell_w, label_h + cell_h), "white")
+            if labels is not None:
+                ImageDraw.Draw(cell).text((2, 1), labels[index], fill="black", font=font)
+            offset = ((cell_w - image.width) // 2, label_h + (cell_h - image.height) // 2)
+            cell.paste(load_rgb(image), offset)
+            grid.paste(cell, (c * (cell_w + gap), r * (label_h + cell_h + gap)))
+            index += 1
+    return grid
+
+
+def list_images(folder: PathLike) -> list[Path]:
+    """The image files directly in `folder` (by extension, any case), sorted by name.
+
+    Hidden files are skipped: temp files of `save_image` and macOS "._" metadata files.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        what = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise UserError(f"image folder '{folder}' {what}; pass the folder that holds the images")
+    found = sorted(
+        path
+        for path in folder.iterdir()
+        if path.suffix.lower() in IMAGE_EXTENSIONS
+        and not path.name.startswith(".")
+        and path.is_file()
+    )
+    if not found:
+        raise UserError(
+            f"no images in '{folder}'; expected files ending in {', '.join(IMAGE_EXTENSIONS)}"
+        )
+    return found
