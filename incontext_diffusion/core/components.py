@@ -1,0 +1,161 @@
+"""Build or load the latent-diffusion backbone: VAE, UNet, text encoder, tokenizer, noise scheduler.
+
+A backbone is named by one string:
+- `tiny`: the embedded model in `assets/tiny-ldm` (the stand-in for SD1.5 offline and on a CPU);
+- a local diffusers-format folder (`model_index.json` or `unet/`, `vae/`, ... subfolders);
+- a single-file SD checkpoint (`.safetensors`, or `.ckpt` read with `weights_only=True`; a
+  checkpoint that needs unpickling is refused unless `trust_pickle=True`);
+- a hub id such as `stable-diffusion-v1-5/stable-diffusion-v1-5`, from the local cache or the hub.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from ..errors import UserError
+
+TINY_LDM = Path(__file__).resolve().parent.parent.parent / "assets" / "tiny-ldm"
+HUB_HOST = "huggingface.co"
+
+
+@dataclass
+class Components:
+    """The frozen pieces every head builds on."""
+
+    vae: AutoencoderKL
+    unet: UNet2DConditionModel
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    noise_scheduler: DDPMScheduler  # the training noise schedule (eps-prediction unless the config says otherwise)
+    source: str
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        """Last hidden state of the text encoder, padded to the tokenizer's max length (SD convention)."""
+        ids = self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+        return self.text_encoder(ids.to(self.text_encoder.device))[0]
+
+
+def hub_reachable(timeout: float = 1.5) -> bool:
+    """True when the hub answers a TCP connection; False at once when HF_HUB_OFFLINE is set."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    try:
+        with socket.create_connection((HUB_HOST, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _is_hub_cached(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, "model_index.json"), str)
+
+
+def _from_folder(root: str, local_only: bool) -> Components:
+    kwargs = {"local_files_only": local_only}
+    return Components(
+        vae=AutoencoderKL.from_pretrained(root, subfolder="vae", **kwargs),
+        unet=UNet2DConditionModel.from_pretrained(root, subfolder="unet", **kwargs),
+        text_encoder=CLIPTextModel.from_pretrained(root, subfolder="text_encoder", **kwargs),
+        tokenizer=CLIPTokenizer.from_pretrained(root, subfolder="tokenizer", **kwargs),
+        noise_scheduler=DDPMScheduler.from_pretrained(root, subfolder="scheduler", **kwargs),
+        source=str(root),
+    )
+
+
+def check_no_pickle_needed(path: Path, trust_pickle: bool) -> None:
+    """A `.ckpt` must load with `weights_only=True` unless the user trusts it."""
+    if trust_pickle:
+        return
+    try:
+        torch.load(path, map_location="meta", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"{path} needs unpickling, which can run code from the file: pass --trust-pickle only if you trust its source") from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise UserError(f"{path} is not a readable checkpoint ({type(err).__name__}): check the file") from None
+
+
+def _from_single_file(path: Path, config: str | None, trust_pickle: bool) -> Components:
+    if path.suffix == ".ckpt":
+        check_no_pickle_needed(path, trust_pickle)
+    # The single file holds weights only; the component configs come from `config` (a diffusers
+    # folder or hub id), which diffusers otherwise fetches from the hub for the detected model type.
+    kwargs = {"config": config, "local_files_only": config is not None and Path(config).is_dir()}
+    if trust_pickle:
+        kwargs["weights_only"] = False
+    try:
+        pipe = StableDiffusionPipeline.from_single_file(str(path), safety_checker=None, **kwargs)
+    except (OSError, ValueError) as err:
+        if not hub_reachable():
+            raise UserError(f"{path}: the component configs are not on this machine and the hub is unreachable: pass --config LOCAL_DIFFUSERS_FOLDER") from None
+        raise UserError(f"{path} could not be read as a Stable Diffusion checkpoint: {str(err).splitlines()[0]}") from None
+    return Components(
+        vae=pipe.vae,
+        unet=pipe.unet,
+        text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer,
+        noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
+        source=str(path),
+    )
+
+
+def load_components(backbone: str = "tiny", *, config: str | None = None, trust_pickle: bool = False) -> Components:
+    """Load the backbone a recipe names (see the module docstring for the accepted forms)."""
+    if backbone == "tiny":
+        if not (TINY_LDM / "model_index.json").is_file():
+            raise UserError(f"the embedded backbone {TINY_LDM} is missing: rebuild it with `icd train --recipe tiny_ldm`")
+        return _from_folder(str(TINY_LDM), local_only=True)
+    path = Path(backbone).expanduser()
+    if path.is_dir():
+        if not ((path / "model_index.json").is_file() or (path / "unet").is_dir()):
+            raise UserError(f"{path} is not a diffusers model folder (no model_index.json or unet/): pass a diffusers folder, a checkpoint file or a hub id")
+        return _from_folder(str(path), local_only=True)
+    if path.suffix in (".safetensors", ".ckpt", ".pt", ".bin"):
+        if not path.is_file():
+            raise UserError(f"checkpoint file {path} does not exist: check the path")
+        return _from_single_file(path, config, trust_pickle)
+    if backbone.count("/") != 1 or backbone.startswith((".", "/", "~")):
+        raise UserError(f"backbone '{backbone}' is neither 'tiny', an existing folder or file, nor a hub id like org/name")
+    if _is_hub_cached(backbone):
+        return _from_folder(backbone, local_only=True)
+    if not hub_reachable():
+        raise UserError(f"weights for {backbone} are not on this machine and the hub is unreachable: pass a local folder or use backbone: tiny")
+    return _from_folder(backbone, local_only=False)
+
+
+def text_to_image_pipeline(components: Components, scheduler=None) -> StableDiffusionPipeline:
+    """The components as a plain diffusers text-to-image pipeline (no safety checker)."""
+    pipe = StableDiffusionPipeline(
+        vae=components.vae,
+        text_encoder=components.text_encoder,
+        tokenizer=components.tokenizer,
+        unet=components.unet,
+        scheduler=scheduler or DDIMScheduler.from_config(components.noise_scheduler.config, set_alpha_to_one=False, steps_offset=1, clip_sample=False),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_components(components: Components, out_dir: Path) -> None:
+    """Write the components as a diffusers folder (safetensors), atomically."""
+    from .checkpoints import atomic_export
+
+    if Path(out_dir).exists():
+        raise UserError(f"{out_dir} already exists: choose a new output folder")
+    atomic_export(Path(out_dir), lambda temp: text_to_image_pipeline(components).save_pretrained(str(temp), safe_serialization=True))

@@ -1,0 +1,196 @@
+"""The embedded tiny text-to-image backbone, trained from scratch on synthetic scenes.
+
+Two stages in one run (`model.vae_steps` splits them): first the VAE learns to reconstruct the
+scenes (MSE + a small KL term); then, with the VAE frozen, the UNet and the CLIP text encoder learn
+eps-prediction on the scaled latents, with 10% empty captions so that classifier-free guidance
+works. The export is a plain `StableDiffusionPipeline` folder: this is what `backbone: tiny` loads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import StableDiffusionPipeline
+from rich.progress import Progress, track
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..core import tiny
+from ..core.components import Components, load_components, text_to_image_pipeline
+from ..core.head import Head
+from ..core.images import make_grid, save_image, to_pil
+from ..data.synthscenes import COLOURS, FLOOR_RGB, SHAPES, SIZES, WALL_RGB, SynthScenesDataset, caption_vocabulary
+
+VALIDATION_CAPTIONS = [f"a large {colour} {shape}" for colour, shape in zip(COLOURS, SHAPES * 3)]
+
+
+def image_tensor(rgb: np.ndarray) -> torch.Tensor:
+    """HxWx3 uint8 -> 3xHxW float in [-1, 1]."""
+    return torch.from_numpy(rgb).permute(2, 0, 1).float() / 127.5 - 1
+
+
+class TinyLDMOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    scale: str = Field("tiny", pattern="^(tiny|micro)$")  # micro: the same structure, a few thousand parameters
+    vae_steps: int = Field(1500, ge=0)  # optimiser steps of stage 1 (VAE); the rest train UNet + text encoder
+    kl_weight: float = Field(1e-6, ge=0)
+    caption_dropout: float = Field(0.1, ge=0, le=1)  # empty caption, for classifier-free guidance
+    validation_steps: int = Field(20, ge=1)  # DDIM steps of the validation samples
+    guidance_scale: float = Field(4.0, ge=1)
+
+
+class TinyLDM(torch.nn.Module):
+    """VAE, UNet and text encoder in one module whose forward is the training loss (DDP-friendly)."""
+
+    def __init__(self, components: Components, options: TinyLDMOptions, empty_ids: torch.Tensor):
+        super().__init__()
+        self.vae, self.unet, self.text_encoder = components.vae, components.unet, components.text_encoder
+        self.noise_scheduler = components.noise_scheduler
+        self.options = options
+        # 1 / std of the VAE latents, measured on the first UNet step and checkpointed with the weights.
+        self.register_buffer("latent_scale", torch.zeros(()))
+        self.register_buffer("empty_ids", empty_ids, persistent=False)
+
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, step: int) -> torch.Tensor:
+        if step < self.options.vae_steps:
+            posterior = self.vae.encode(images).latent_dist
+            reconstruction = self.vae.decode(posterior.sample()).sample
+            return F.mse_loss(reconstruction, images) + self.options.kl_weight * posterior.kl().mean()
+        with torch.no_grad():
+            latents = self.vae.encode(images).latent_dist.sample()
+            if self.latent_scale == 0:
+                self.latent_scale.fill_(1.0 / latents.std())
+            latents = latents * self.latent_scale
+        # Caption dropout is drawn here, in step order, not in the data loader (which runs a batch
+        # ahead): a resumed run then draws exactly what the uninterrupted run drew.
+        drop = torch.rand(input_ids.shape[0], device=input_ids.device) < self.options.caption_dropout
+        input_ids = torch.where(drop[:, None], self.empty_ids, input_ids)
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        text = self.text_encoder(input_ids)[0]
+        prediction = self.unet(noisy, timesteps, text).sample
+        return F.mse_loss(prediction.float(), noise.float())
+
+
+class TinyLDMHead(Head):
+    """Trains `assets/tiny-ldm` (recipe `tiny_ldm`)."""
+
+    Options = TinyLDMOptions
+    has_unused_parameters = True  # each stage trains only part of the module
+
+    def build(self) -> None:
+        if self.recipe.backbone in (None, "scratch"):
+            self.components = tiny.build_components(caption_vocabulary(), self.recipe.run_dir() / "tokenizer", self.options.scale)
+        else:  # continue training an existing backbone
+            self.components = load_components(self.recipe.backbone)
+        self.model = TinyLDM(self.components, self.options, self.tokenize([""]))
+        data = self.recipe.data
+        scenes = SynthScenesDataset(data.num_samples, size=data.size, seed=data.seed, min_objects=data.min_objects, max_objects=data.max_objects)
+        # Rendered once up front: a step then costs the model alone, and every epoch sees the same images.
+        self.dataset = [(image_tensor(s.rgb), s.caption) for s in track(scenes, description="rendering scenes", transient=True)]
+
+    def trainable(self) -> torch.nn.Module:
+        return self.model
+
+    def train_dataset(self) -> torch.utils.data.Dataset:
+        return self.dataset
+
+    def collate(self, samples: list[tuple[torch.Tensor, str]]) -> dict:
+        return {"images": torch.stack([image for image, _ in samples]), "input_ids": self.tokenize([caption for _, caption in samples])}
+
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        tokenizer = self.components.tokenizer
+        return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+
+    def loss(self, model: torch.nn.Module, batch: dict, step: int) -> torch.Tensor:
+        return model(batch["images"], batch["input_ids"], step)
+
+    def pipeline(self, model: TinyLDM) -> StableDiffusionPipeline:
+        # `model` holds the components' own modules, so the pipeline sees the trained weights.
+        model.vae.register_to_config(scaling_factor=float(model.latent_scale))
+        return text_to_image_pipeline(self.components, tiny.inference_scheduler())
+
+    @torch.no_grad()
+    def validate(self, model: TinyLDM, step: int):
+        if step <= self.options.vae_steps or model.latent_scale == 0:
+            images = torch.stack([image for image, _ in self.dataset[:4]]).to(model.latent_scale.device)
+            reconstruction = model.vae.decode(model.vae.encode(images).latent_dist.mode()).sample
+            return make_grid([[to_pil(x) for x in images], [to_pil(x) for x in reconstruction]])
+        pipe = self.pipeline(model)
+        generator = torch.Generator().manual_seed(0)
+        output = pipe(VALIDATION_CAPTIONS, num_inference_steps=self.options.validation_steps, guidance_scale=self.options.guidance_scale, generator=generator)
+        return make_grid(output.images, labels=VALIDATION_CAPTIONS, ncols=4)
+
+    def export(self, model: TinyLDM, out_dir: Path) -> None:
+        self.pipeline(model).save_pretrained(str(out_dir), safe_serialization=True)
+
+    def model_card(self) -> str:
+        return (
+            "A tiny text-to-image latent diffusion model (VAE, UNet2DConditionModel, CLIPTextModel, CLIPTokenizer, DDIM) "
+            "trained on incontext_diffusion's synthetic scenes. It plays the part of Stable Diffusion 1.5 offline.\n\n"
+            "```python\nfrom diffusers import StableDiffusionPipeline\npipe = StableDiffusionPipeline.from_pretrained(PATH)\n"
+            "image = pipe('a large red sphere', num_inference_steps=25).images[0]\n```\n"
+        )
+
+
+def load_pipeline(model_dir: Path) -> StableDiffusionPipeline:
+    pipe = StableDiffusionPipeline.from_pretrained(str(model_dir), safety_checker=None, requires_safety_checker=False, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe: StableDiffusionPipeline, prompts: list[str], steps: int, guidance: float, seed: int, output_type: str = "pil"):
+    """Run the pipeline with one rich progress bar over the denoising steps."""
+    with Progress(transient=True) as progress:
+        task = progress.add_task("denoising", total=steps)
+
+        def on_step_end(pipeline, step, timestep, callback_kwargs):
+            progress.advance(task)
+            return callback_kwargs
+
+        generator = torch.Generator().manual_seed(seed)
+        return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generator, output_type=output_type, callback_on_step_end=on_step_end).images
+
+
+def text_to_image(model_dir: Path, prompt: str, out: Path, steps: int = 25, guidance: float = 4.0, seed: int = 0, num_images: int = 1) -> None:
+    """`icd infer` for a text-to-image model: one image, or a grid of `num_images`."""
+    images = generate(load_pipeline(model_dir), [prompt] * num_images, steps, guidance, seed)
+    save_image(images[0] if num_images == 1 else make_grid(images, ncols=min(num_images, 8)), out)
+
+
+def evaluate_text_to_image(model_dir: Path, num_samples: int = 64, steps: int = 25, guidance: float = 4.0, seed: int = 0) -> dict:
+    """`icd eval` for a text-to-image model trained on synthetic scenes: colour agreement."""
+    agreement = colour_agreement(load_pipeline(model_dir), n=num_samples, steps=steps, guidance_scale=guidance, seed=seed)
+    return {"colour_agreement": agreement, "num_samples": num_samples, "steps": steps, "guidance_scale": guidance}
+
+
+def one_object_captions(n: int) -> list[str]:
+    """n captions naming one object, cycling through colours first so every colour appears."""
+    colours = list(COLOURS)
+    return [f"a {SIZES[(i // len(colours)) % 2]} {colours[i % len(colours)]} {SHAPES[(i // len(colours)) % len(SHAPES)]}" for i in range(n)]
+
+
+def dominant_colour(image: np.ndarray) -> str | None:
+    """The named colour most non-background pixels are closest to (each colour at several shadings)."""
+    shades = np.linspace(0.35, 1.0, 8)[:, None]
+    labels: list[str | None] = []
+    references = []
+    for label, rgb in [*COLOURS.items(), (None, FLOOR_RGB), (None, WALL_RGB)]:
+        references.append(shades * np.asarray(rgb, dtype=np.float32))
+        labels += [label] * len(shades)
+    references = np.concatenate(references)
+    pixels = image.reshape(-1, 3).astype(np.float32)
+    nearest = np.argmin(((pixels[:, None, :] - references[None]) ** 2).sum(-1), axis=1)
+    votes = [labels[i] for i in nearest if labels[i] is not None]
+    return max(set(votes), key=votes.count) if votes else None
+
+
+def colour_agreement(pipe: StableDiffusionPipeline, n: int = 64, steps: int = 25, guidance_scale: float = 4.0, seed: int = 0) -> float:
+    """Fraction of samples for one-object captions whose dominant colour is the colour named."""
+    captions = one_object_captions(n)
+    images = generate(pipe, captions, steps, guidance_scale, seed, output_type="np")
+    hits = [dominant_colour((img * 255).round().astype(np.uint8)) == caption.split()[2] for img, caption in zip(images, captions)]
+    return float(np.mean(hits))
