@@ -85,10 +85,11 @@ class Camera:
 
     def axes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """World directions of the camera's x (right), y (down) and z (forward) axes."""
-        forward = np.array([math.sin(self.yaw) * math.cos(self.pitch), -math.sin(self.pitch),
-                            math.cos(self.yaw) * math.cos(self.pitch)])
-        right = np.array([math.cos(self.yaw), 0.0, -math.sin(self.yaw)])
-        return right, np.cross(right, forward), forward
+        cy, sy, cp, sp = math.cos(self.yaw), math.sin(self.yaw), math.cos(self.pitch), math.sin(self.pitch)
+        right = np.array([cy, 0.0, -sy])
+        down = np.array([-sy * sp, -cp, -cy * sp])  # right x forward
+        forward = np.array([sy * cp, -sp, cy * cp])
+        return right, down, forward
 
 
 @dataclass
