@@ -5,17 +5,24 @@ Every user error exits with code 2 and one line on stderr; `icd --debug ...` sho
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
+import os
 import platform
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
-import typer
-from rich.console import Console
+# Before diffusers/transformers are imported: their loading bars would clutter every command.
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
 from rich.table import Table
 
-from .errors import UserError
+from .errors import UserError  # noqa: E402
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False, help=__doc__.splitlines()[0])
 data_app = typer.Typer(no_args_is_help=True, help="Make and prepare datasets (synthetic scenes, annotations).")
@@ -50,7 +57,42 @@ def train(
     console.print(f"model written to {out}")
 
 
-# ----------------------------------------------------------------------------------------- infer
+# ----------------------------------------------------------------------------------- infer, eval
+@dataclass
+class InferOptions:
+    """Everything `icd infer` accepts; each model kind uses what it needs and names what is missing."""
+
+    model: Path
+    out: Path
+    prompt: str | None = None
+    example: tuple[Path, Path] | None = None
+    query: Path | None = None
+    images: list[Path] = field(default_factory=list)
+    grid: bool = False
+    steps: int | None = None
+    guidance: float | None = None
+    seed: int = 0
+    num_images: int = 1
+
+
+@dataclass
+class EvalOptions:
+    model: Path
+    out: Path
+    data: Path | None = None
+    tasks: list[str] = field(default_factory=list)
+    num_samples: int = 100
+    steps: int | None = None
+    seed: int = 0
+    inception_weights: Path | None = None
+
+
+# Pipeline class name (model_index.json's `_class_name`) -> handler(options). Heads add theirs in
+# their `commands.py` (see HEAD_COMMANDS below).
+INFER_HANDLERS: dict[str, Callable[[InferOptions], None]] = {}
+EVAL_HANDLERS: dict[str, Callable[[EvalOptions], dict]] = {}
+
+
 def _pipeline_class(model: Path) -> str:
     index = model / "model_index.json"
     if not index.is_file():
@@ -58,56 +100,61 @@ def _pipeline_class(model: Path) -> str:
     return json.loads(index.read_text())["_class_name"]
 
 
+def _handler(table: dict, model: Path, verb: str) -> Callable:
+    kind = _pipeline_class(model)
+    if kind not in table:
+        raise UserError(f"{model} holds a {kind}, which `icd {verb}` does not know: models it knows: {', '.join(sorted(table))}")
+    return table[kind]
+
+
 @app.command()
 def infer(
     model: Path = typer.Option(..., "--model", "-m", help="An exported model folder (e.g. assets/tiny-ldm or runs/NAME/model)."),
-    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Text prompt."),
-    out: Path = typer.Option(Path("outputs/infer.png"), "--out", "-o", help="Output PNG."),
-    steps: int = typer.Option(25, "--steps", min=1, help="Denoising steps."),
-    guidance: float = typer.Option(4.0, "--guidance", min=1.0, help="Classifier-free guidance scale."),
+    out: Path = typer.Option(Path("outputs/infer.png"), "--out", "-o", help="Output file (PNG) or folder, by model kind."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "--text", "-p", help="Text prompt or referring expression."),
+    example: Optional[tuple[Path, Path]] = typer.Option(None, "--example", help="In-context example pair: SOURCE TARGET."),
+    query: Optional[Path] = typer.Option(None, "--query", help="In-context query image."),
+    image: list[Path] = typer.Option([], "--image", "-i", help="Input image(s) or a folder (repeatable)."),
+    grid: bool = typer.Option(False, "--grid", help="Also write a panel of the inputs and the output."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Denoising steps (default: the model's)."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", min=1.0, help="Classifier-free guidance scale."),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
     num_images: int = typer.Option(1, "--num-images", min=1, help="Images to generate (a grid when > 1)."),
 ) -> None:
     """Run a trained model on your inputs and write the result."""
-    kind = _pipeline_class(model)
-    if kind == "StableDiffusionPipeline":
-        from .heads.tiny_ldm import text_to_image
-
-        if not prompt:
-            raise UserError("a text-to-image model needs --prompt TEXT")
-        text_to_image(model, prompt, out, steps=steps, guidance=guidance, seed=seed, num_images=num_images)
-    else:
-        raise UserError(f"{model} holds a {kind}, which `icd infer` does not know: use a model exported by `icd train`")
-    console.print(f"wrote {out}")
+    options = InferOptions(model, out, prompt, example, query, list(image), grid, steps, guidance, seed, num_images)
+    _handler(INFER_HANDLERS, model, "infer")(options)
 
 
-# ------------------------------------------------------------------------------------------ eval
 @app.command(name="eval")
 def evaluate(
     model: Path = typer.Option(..., "--model", "-m", help="An exported model folder."),
-    out: Path = typer.Option(Path("outputs/eval"), "--out", "-o", help="Folder for the Markdown and JSON tables."),
-    num_samples: int = typer.Option(64, "--num-samples", "-n", min=1, help="Samples to evaluate."),
-    steps: int = typer.Option(25, "--steps", min=1),
+    out: Path = typer.Option(Path("outputs/eval"), "--out", "-o", help="Folder for results.md and results.json."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Evaluation data folder (default: held-out synthetic scenes)."),
+    tasks: list[str] = typer.Option([], "--tasks", help="Tasks to evaluate (comma-separated or repeated)."),
+    num_samples: int = typer.Option(100, "--num-samples", "-n", min=1, help="Samples to evaluate."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1),
     seed: int = typer.Option(0, "--seed"),
+    inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="Local Inception weights for FID."),
 ) -> None:
     """Evaluate a trained model; writes results.md and results.json."""
-    kind = _pipeline_class(model)
-    if kind != "StableDiffusionPipeline":
-        raise UserError(f"{model} holds a {kind}, which `icd eval` does not know yet")
-    from .heads.tiny_ldm import evaluate_text_to_image
-
-    results = evaluate_text_to_image(model, num_samples=num_samples, steps=steps, seed=seed)
-    write_results(results, out)
+    task_list = [t for item in tasks for t in item.split(",") if t]
+    options = EvalOptions(model, out, data, task_list, num_samples, steps, seed, inception_weights)
+    write_results(_handler(EVAL_HANDLERS, model, "eval")(options), out)
 
 
-def write_results(results: dict[str, float], out: Path) -> None:
+def write_results(results: dict, out: Path) -> None:
+    """results.json, results.md (a Markdown table) and the same table on the terminal."""
+    def shown(value) -> str:
+        return f"{value:.4f}" if isinstance(value, float) else str(value)
+
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    lines = ["| metric | value |", "|---|---|"] + [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in results.items()]
+    lines = ["| metric | value |", "|---|---|"] + [f"| {k} | {shown(v)} |" for k, v in results.items()]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     table = Table("metric", "value")
     for key, value in results.items():
-        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+        table.add_row(key, shown(value))
     console.print(table)
     console.print(f"wrote {out / 'results.md'} and {out / 'results.json'}")
 
@@ -193,6 +240,19 @@ def info() -> None:
     for key, value in rows.items():
         table.add_row(key, value)
     console.print(table)
+
+
+# Each built-in head registers its commands (convert, data annotate, ...) and its infer/eval
+# handlers here. A commands module imports nothing heavy at module level: `icd --help` stays fast.
+HEAD_COMMANDS = (
+    "incontext_diffusion.heads.tiny_ldm_commands",
+    "incontext_diffusion.heads.prompt_diffusion.commands",
+    "incontext_diffusion.heads.meta_prompts.commands",
+    "incontext_diffusion.heads.diff_prompt.commands",
+)
+for _module in HEAD_COMMANDS:
+    if importlib.util.find_spec(_module.rsplit(".", 1)[0]) and importlib.util.find_spec(_module):
+        importlib.import_module(_module).register(app=app, data_app=data_app, convert_app=convert_app, infer=INFER_HANDLERS, evaluate=EVAL_HANDLERS)
 
 
 def main() -> None:

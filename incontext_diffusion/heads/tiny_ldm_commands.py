@@ -1,0 +1,25 @@
+"""`icd infer` and `icd eval` for text-to-image models (the embedded backbone's own job)."""
+
+from __future__ import annotations
+
+from ..errors import UserError
+
+
+def infer_text_to_image(options) -> None:
+    from .tiny_ldm import text_to_image
+
+    if not options.prompt:
+        raise UserError("a text-to-image model needs --prompt TEXT")
+    text_to_image(options.model, options.prompt, options.out, steps=options.steps or 25, guidance=options.guidance or 4.0, seed=options.seed, num_images=options.num_images)
+    print(f"wrote {options.out}")
+
+
+def eval_text_to_image(options) -> dict:
+    from .tiny_ldm import evaluate_text_to_image
+
+    return evaluate_text_to_image(options.model, num_samples=options.num_samples, steps=options.steps or 25, seed=options.seed)
+
+
+def register(app, data_app, convert_app, infer: dict, evaluate: dict) -> None:
+    infer["StableDiffusionPipeline"] = infer_text_to_image
+    evaluate["StableDiffusionPipeline"] = eval_text_to_image

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# `make demo`: what the toolkit does, end to end, on the embedded tiny backbone and synthetic scenes.
+# Each head adds a scripts/demo_<head>.sh; they run in name order after the shared part.
+set -euo pipefail
+OUT=${OUT:-outputs/demo}
+ICD=".venv/bin/icd"
+mkdir -p "$OUT"
+rm -rf "$OUT/scenes"
+echo "== synthetic scenes -> $OUT/scenes (+ grid)"
+$ICD data synth --out "$OUT/scenes" --n 16 --size 128 --grid "$OUT/scenes_grid.png"
+echo "== text-to-image with the embedded backbone -> $OUT/tiny_ldm.png"
+$ICD infer --model assets/tiny-ldm --prompt "a large red sphere" --num-images 4 --out "$OUT/tiny_ldm.png"
+for part in scripts/demo_*.sh; do
+  [ -e "$part" ] || continue
+  echo "== $part"
+  OUT="$OUT" bash "$part"
+done
+echo "demo outputs in $OUT"
