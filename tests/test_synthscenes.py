@@ -4,11 +4,12 @@ import re
 import datasets
 import numpy as np
 import pytest
+from PIL import Image
 
 from incontext_diffusion.data import synthscenes
 from incontext_diffusion.data.synthscenes import (
     CLASSES, COLOURS, SHAPES, SIZES, WALL_Z, Camera, SceneObject, SynthScenesDataset,
-    caption_vocabulary, render_objects, render_scene, scene_family, write_dataset)
+    caption_vocabulary, render_objects, render_scene, scene_family, scene_grid, write_dataset)
 from incontext_diffusion.errors import UserError
 
 ARRAY_FIELDS = ("rgb", "depth", "semantic", "instances", "edges", "normals")
@@ -230,6 +231,13 @@ def test_written_dataset_loads_as_imagefolder(tmp_path):
         normals = np.array(row["normals"]).astype(np.float32) / 255 * 2 - 1
         np.testing.assert_allclose(normals, scene.normals, atol=1 / 255 + 1e-6)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "scenes"]  # no partial folder left
+
+
+def test_scene_grid_shows_every_map(tmp_path):
+    path = scene_grid(seeds=range(2), size=32, path=tmp_path / "grid" / "scenes.png")
+    grid = np.array(Image.open(path))
+    assert grid.shape == (64, 6 * 32, 3)
+    assert np.array_equal(grid[32:, :32], render_scene(1, 32).rgb)
 
 
 def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):

@@ -27,6 +27,7 @@ import json
 import math
 import shutil
 import uuid
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -489,6 +490,25 @@ class SynthScenesDataset(torch.utils.data.Dataset):
         if not 0 <= index < self.n:
             raise IndexError(f"index {index} out of range for {self.n} scenes")
         return render_scene(self.seed + index, *self.render_arguments)
+
+
+def scene_grid(seeds: Iterable[int], size: int, path: str | Path) -> Path:
+    """Save a PNG with one row per scene: RGB, depth (near is bright), semantic, instances, edges
+    and normals, to look at what the renderer makes."""
+    _check_arguments(size=size)
+    palette = np.array([(0, 0, 0)] + list(COLOURS.values()), np.uint8)  # 0 black, then the colours
+    rows = []
+    for seed in seeds:
+        scene = render_scene(seed, size)
+        depth = np.round(255 * (1 - scene.depth / scene.depth.max())).astype(np.uint8)
+        normals = np.round((scene.normals + 1.0) / 2.0 * 255.0).astype(np.uint8)
+        rows.append(np.concatenate([scene.rgb, np.stack([depth] * 3, axis=-1), palette[scene.semantic + 1],
+                                    palette[scene.instances % len(palette)],
+                                    np.stack([scene.edges] * 3, axis=-1), normals], axis=1))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+    return path
 
 
 def _save_scene(scene: Scene, folder: Path, stem: str) -> dict:
