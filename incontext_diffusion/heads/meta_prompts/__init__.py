@@ -1,0 +1,20 @@
+"""MetaPrompts: depth and semantic segmentation from a diffusion UNet with meta prompts (arXiv 2312.14733)."""
+
+from .decoders import MetaPromptsDepthHead, MetaPromptsSegmentationHead
+from .pipeline import (
+    MetaPromptsDepthOutput,
+    MetaPromptsDepthPipeline,
+    MetaPromptsSegmentationOutput,
+    MetaPromptsSegmentationPipeline,
+    visualize_depth,
+)
+
+__all__ = [
+    "MetaPromptsDepthHead",
+    "MetaPromptsDepthOutput",
+    "MetaPromptsDepthPipeline",
+    "MetaPromptsSegmentationHead",
+    "MetaPromptsSegmentationOutput",
+    "MetaPromptsSegmentationPipeline",
+    "visualize_depth",
+]

@@ -1,0 +1,173 @@
+"""MetaPrompts model: feature taps, loops, gradients, parameter groups, test-time augmentation."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from incontext_diffusion.core.tiny import build_unet, micro_components
+from incontext_diffusion.errors import UserError
+from incontext_diffusion.heads.meta_prompts.decoders import MetaPromptsDepthHead, MetaPromptsSegmentationHead, reweight
+from incontext_diffusion.heads.meta_prompts.model import build_model, feature_channels, tap_modules, time_embedding_dim
+from incontext_diffusion.heads.meta_prompts.pipeline import sliding_window, window_starts, with_flip
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def components(tmp_path_factory):
+    return micro_components(tmp_path_factory.mktemp("tok"), seed=0)
+
+
+def depth_head(unet, num_loops=3, **kwargs):
+    return MetaPromptsDepthHead(
+        feature_channels=tuple(feature_channels(unet)), prompt_dim=unet.config.cross_attention_dim, time_embedding_dim=time_embedding_dim(unet),
+        num_prompts=5, num_loops=num_loops, num_deconv=2, decoder_channels=8, resize_scale=0, input_multiple=32, **kwargs,
+    )
+
+
+def seg_head(unet, num_loops=3):
+    return MetaPromptsSegmentationHead(
+        feature_channels=tuple(feature_channels(unet)), prompt_dim=unet.config.cross_attention_dim, time_embedding_dim=time_embedding_dim(unet),
+        num_prompts=6, num_classes=4, num_loops=num_loops, channels=8, auxiliary_channels=8, input_multiple=32,
+    )
+
+
+def randomise(module: torch.nn.Module, seed: int = 1) -> None:
+    """Diffusers zero-initialises conv_out; random weights make the feedback carry information."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+
+
+def test_tap_shapes_and_order(components):
+    unet = build_unet("micro")
+    model = build_model(components.vae, unet, depth_head(unet))
+    loops = model.features(torch.rand(2, 3, 32, 32) * 2 - 1)
+    assert len(loops) == 3
+    # 32x32 image -> 8x8 latents (VAE x4); f0 at 8, f1 4, f2 2, f3 1 (fine -> coarse)
+    assert [tuple(f.shape) for f in loops[-1]] == [(2, 8, 8, 8), (2, 8, 4, 4), (2, 8, 2, 2), (2, 8, 1, 1)]
+    # the taps are the documented modules
+    blocks = unet.up_blocks
+    assert tap_modules(unet) == [blocks[3], blocks[2].attentions[1], blocks[1].attentions[1], blocks[0].resnets[1]]
+
+
+def test_sd15_shaped_channels():
+    config = UNet2DConditionModel.load_config  # noqa: F841  (SD1.5 shape built on the meta device)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768)
+    assert feature_channels(unet) == [320, 640, 1280, 1280]
+    assert time_embedding_dim(unet) == 1280
+    assert len(tap_modules(unet)) == 4
+
+
+def test_unet_without_taps_is_refused():
+    unet = UNet2DConditionModel(block_out_channels=(8, 8), down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                                norm_num_groups=4, cross_attention_dim=8, layers_per_block=1)
+    with pytest.raises(UserError, match="4 up blocks"):
+        tap_modules(unet)
+
+
+def test_feedback_and_time_vectors_reach_the_unet(components):
+    unet = build_unet("micro")
+    randomise(unet)
+    model = build_model(components.vae, unet, depth_head(unet))
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    loops = model.features(x)
+    # each loop sees another input (the feedback) and another time vector: the features differ
+    assert not torch.allclose(loops[0][0], loops[1][0])
+    # the time vector really is the temb: changing t_k changes that loop's features
+    with torch.no_grad():
+        model.head.time_embeddings[0] += 1.0
+    assert not torch.allclose(model.features(x)[0][0], loops[0][0])
+
+
+def test_num_loops_changes_the_output(components):
+    unet = build_unet("micro")
+    randomise(unet)
+    head3 = depth_head(unet, num_loops=3)
+    randomise(head3, seed=2)  # the official init makes the output nearly constant at first
+    head1 = depth_head(unet, num_loops=1)
+    # the same weights, the one loop using the last loop's prompts, adapter and time vector
+    state = head3.state_dict()
+    mapped = {k: v for k, v in state.items() if not k.startswith(("meta_prompts.", "prompt_adapters.", "time_embeddings"))}
+    mapped["meta_prompts.0"], mapped["time_embeddings"] = state["meta_prompts.2"], state["time_embeddings"][2:]
+    mapped.update({k.replace("prompt_adapters.2", "prompt_adapters.0"): v for k, v in state.items() if k.startswith("prompt_adapters.2")})
+    head1.load_state_dict(mapped)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        d3 = build_model(components.vae, unet, head3).eval()(x)
+        d1 = build_model(components.vae, build_unet_copy(unet), head1).eval()(x)
+    assert d1.shape == d3.shape == (2, 1, 32, 32)
+    assert (d3 - d1).abs().max() > 1e-3
+
+
+def build_unet_copy(unet):
+    copy = build_unet("micro")
+    copy.load_state_dict(unet.state_dict())
+    return copy
+
+
+def test_gradients_reach_prompts_time_vectors_decoders_and_unet(components):
+    unet = build_unet("micro")
+    randomise(unet)
+    head = depth_head(unet)
+    model = build_model(components.vae, unet, head)
+    model(torch.rand(2, 3, 32, 32) * 2 - 1).mean().backward()
+    for name in ["meta_prompts.0", "meta_prompts.2", "time_embeddings", "prompt_adapters.0.0.weight", "decoder.conv_layers.0.weight",
+                 "last_layer_depth.2.weight", "layer4.deconv_layers.0.weight", "out_layer.0.weight"]:
+        grad = dict(head.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+    # every loop's time vector gets a gradient (the refinement is differentiable end to end)
+    assert (head.time_embeddings.grad.abs().sum(dim=1) > 0).all()
+    assert unet.conv_out.weight.grad.abs().sum() > 0  # the feedback head is trained
+    assert unet.time_embedding.linear_1.weight.grad is None  # bypassed and frozen
+    assert all(p.grad is None for p in components.vae.parameters())
+
+
+def test_segmentation_gradients_and_shapes(components):
+    unet = build_unet("micro")
+    randomise(unet)
+    head = seg_head(unet)
+    model = build_model(components.vae, unet, head)
+    logits, aux = model(torch.rand(2, 3, 32, 32) * 2 - 1)
+    assert logits.shape == aux.shape == (2, 4, 32, 32)
+    (logits.mean() + aux.mean()).backward()
+    assert head.meta_prompts.grad.abs().sum() > 0
+    assert (head.time_embeddings.grad.abs().sum(dim=1) > 0).all()
+    assert head.decode_head.classifier.weight.grad.abs().sum() > 0
+    assert head.auxiliary_head.classifier.weight.grad.abs().sum() > 0
+
+
+def test_reweight_is_a_plain_dot_product():
+    features = torch.tensor([[[[1.0]], [[2.0]]]])  # (1, C=2, 1, 1)
+    prompts = torch.tensor([[[3.0, 4.0], [1.0, -1.0]]])  # (1, N=2, C=2)
+    assert reweight(features, prompts).flatten().tolist() == [11.0, -1.0]
+
+
+def test_depth_prompts_broadcast_for_any_batch(components):
+    head = depth_head(build_unet("micro"))
+    for batch in (1, 5, 50):  # the official adapter changed shape when batch == num_prompts (50)
+        assert all(c.shape == (batch, 5, 8) for c in head.contexts(batch))
+
+
+def test_window_starts_cover_the_whole_width():
+    # KITTI: 1216 wide, 352 windows, 16 windows -> the last window ends at 1216 (official: 1207)
+    starts = window_starts(1216, 352, -(-(1216 - 352) // 15))
+    assert len(starts) == 16 and starts[0] == 0 and starts[-1] + 352 == 1216
+    assert window_starts(640, 480, 160) == [0, 160]
+
+
+def test_sliding_window_and_flip_average():
+    image = torch.arange(12.0).reshape(1, 1, 3, 4)
+    # identity prediction: the average of overlapping windows is the input itself
+    assert torch.equal(sliding_window(lambda x: x, image, (3, 3), (3, 1)), image)
+    # count per pixel: windows at columns 0 and 1 -> middle columns counted twice
+    ones = sliding_window(lambda x: torch.ones_like(x) * x.shape[-1], torch.zeros(1, 1, 3, 4), (3, 3), (3, 1))
+    assert torch.equal(ones, torch.full((1, 1, 3, 4), 3.0))
+    left_weighted = lambda x: x * torch.linspace(0, 1, x.shape[-1])  # not flip-symmetric
+    flipped = with_flip(left_weighted)(image)
+    expected = (left_weighted(image) + left_weighted(image.flip(-1)).flip(-1)) / 2
+    assert torch.allclose(flipped, expected) and torch.allclose(flipped, image * 0.5)
