@@ -1,0 +1,379 @@
+"""The training heads of Diff-Prompt's three stages and of the tiny grounding host.
+
+How the stages chain (each reads the previous stage's exported model folder):
+    diff_prompt_mask_vae  -> runs/<recipe>/model (mask_vae/)
+    diff_prompt_dit       reads model.mask_vae: <stage-1 model>            -> mask_vae/ dit/ clip/ scheduler/
+    grounding_host        (tiny host pre-trained on synthetic scenes)      -> host/
+    diff_prompt_grounding reads model.prompt_generator: <stage-2 model> and model.host: <host model or hub id>
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from rich.progress import track
+
+from ...core.head import Head
+from ...core.images import make_grid, to_pil
+from ...data.refcoco import load_refexp
+from ...errors import UserError
+from .diffusion import diffusion_loss, noise_scheduler
+from .dit import ClipConditioner, MaskDiT
+from .mask_vae import PAPER_KL_WEIGHT, build_mask_vae, mask_vae_loss, reconstruct
+from .pipeline import GroundingPipeline, MaskGenerationPipeline, StagePrompts, write_model_index
+
+
+class Options(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def image_tensor(rgb) -> torch.Tensor:
+    return torch.tensor(rgb).permute(2, 0, 1).float() / 127.5 - 1
+
+
+def referring_samples(head: Head, split: str = "train"):
+    """The recipe's training expressions (synthetic scenes seed..seed+num_samples, or RefCOCO train)."""
+    data = head.recipe.data
+    samples = load_refexp(data.source, data.path, "all" if data.source == "synthscenes" and split == "train" else split, data.size,
+                          data.num_samples, data.seed, data.min_objects, data.max_objects)
+    return [samples[i] for i in track(range(len(samples)), description=f"loading {split} expressions", transient=True)]
+
+
+def held_out_samples(head: Head, n: int):
+    data = head.recipe.data
+    if data.source == "synthscenes":
+        return load_refexp("synthscenes", None, "all", data.size, max(n, 1), 1_000_000, data.min_objects, data.max_objects)[:n]
+    samples = load_refexp(data.source, data.path, "val", data.size)
+    return [samples[i] for i in range(min(n, len(samples)))]
+
+
+def _as_batch(samples) -> dict:
+    masks = [torch.from_numpy(s.mask).float()[None] if s.mask is not None else None for s in samples]
+    return {
+        "images": torch.stack([image_tensor(s.image) for s in samples]),
+        "texts": [s.text for s in samples],
+        "boxes": torch.tensor([s.box for s in samples], dtype=torch.float32),
+        "masks": torch.stack(masks) if all(m is not None for m in masks) else None,
+    }
+
+
+# ------------------------------------------------------------------------------ stage 1
+
+
+class MaskVAEOptions(Options):
+    block_out_channels: list[int] = [4, 8, 16, 16]
+    latent_channels: int = 4
+    norm_num_groups: int = 2
+    kl_weight: float = Field(PAPER_KL_WEIGHT, ge=0)
+
+
+class MaskVAEModel(torch.nn.Module):
+    def __init__(self, vae, kl_weight: float):
+        super().__init__()
+        self.vae, self.kl_weight = vae, kl_weight
+
+    def forward(self, masks: torch.Tensor) -> torch.Tensor:
+        return mask_vae_loss(self.vae, masks, self.kl_weight)[0]
+
+
+class MaskVAEHead(Head):
+    """Stage 1: the Mask-VAE on referred-object masks (recipe diff_prompt_mask_vae)."""
+
+    Options = MaskVAEOptions
+
+    def build(self) -> None:
+        o = self.options
+        self.model = MaskVAEModel(build_mask_vae(tuple(o.block_out_channels), o.latent_channels, o.norm_num_groups), o.kl_weight)
+        samples = referring_samples(self)
+        self.masks = [torch.from_numpy(s.mask).float()[None] for s in samples if s.mask is not None]
+        if not self.masks:
+            raise UserError("the training data has no masks: stage 1 needs referred-object masks (synthscenes or RefCOCO with segmentation)")
+        self.validation = torch.stack([torch.from_numpy(s.mask).float()[None] for s in held_out_samples(self, 8)])
+
+    def trainable(self):
+        return self.model
+
+    def train_dataset(self):
+        return self.masks
+
+    def loss(self, model, batch, step):
+        return model(batch)
+
+    @torch.no_grad()
+    def validate(self, model, step):
+        masks = self.validation.to(next(model.parameters()).device)
+        recon = reconstruct(model.vae, masks).clamp(0, 1)
+        return make_grid([[to_pil(m, value_range=(0, 1)) for m in masks], [to_pil(r, value_range=(0, 1)) for r in recon]])
+
+    def export(self, model, out_dir: Path) -> None:
+        model.vae.save_pretrained(str(out_dir / "mask_vae"))
+        write_model_index(out_dir, "DiffPromptMaskVAE", mask_size=self.recipe.data.size)
+
+    def model_card(self) -> str:
+        return "Stage 1 of Diff-Prompt: a 1-channel AutoencoderKL for referred-object masks (`mask_vae/`). Next: recipe diff_prompt_dit with model.mask_vae set to this folder.\n"
+
+
+# ------------------------------------------------------------------------------ stage 2
+
+
+class DiTOptions(Options):
+    mask_vae: str  # stage-1 model folder
+    clip: str = "openai/clip-vit-base-patch32"  # hub id / folder, or "tiny" (random CLIPModel from config, offline)
+    clip_width: int = 64  # tiny CLIP only
+    train_clip: bool = False  # tiny CLIP only: no pre-training exists, so it learns with the DiT (documented deviation)
+    hidden_size: int = 512
+    depth: int = 12
+    num_heads: int = 8
+    patch_size: int = 2
+    mlp_ratio: float = 4.0
+    learn_sigma: bool = True
+    loss: str = Field("hybrid", pattern="^(hybrid|eps)$")
+    num_train_timesteps: int = 100
+    schedule: str = Field("cosine", pattern="^(cosine|linear)$")
+    ddim_steps: int = Field(25, ge=1)
+
+
+class PromptGeneratorModel(torch.nn.Module):
+    """The DiT (and, for the tiny recipe, CLIP); forward = the stage-2 diffusion loss."""
+
+    def __init__(self, dit: MaskDiT, scheduler, loss_type: str, conditioner: ClipConditioner | None):
+        super().__init__()
+        self.dit, self.scheduler, self.loss_type, self.conditioner = dit, scheduler, loss_type, conditioner
+
+    def forward(self, latents, images, texts, features=None):
+        image_features, text_features = features if features is not None else self.conditioner(images, texts)
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+        noisy = self.scheduler.add_noise(latents, noise, t)
+        output = self.dit(noisy, t, image_features, text_features)
+        return diffusion_loss(self.scheduler, output, latents, noisy, noise, t, self.loss_type)
+
+
+class DiTHead(Head):
+    """Stage 2: the DiT prompt generator on frozen Mask-VAE latents (recipe diff_prompt_dit)."""
+
+    Options = DiTOptions
+
+    def build(self) -> None:
+        from diffusers import AutoencoderKL
+        from transformers import CLIPModel, CLIPTokenizer
+
+        from .tiny import tiny_clip
+
+        o = self.options
+        vae_dir = Path(o.mask_vae) / "mask_vae"
+        if not vae_dir.is_dir():
+            raise UserError(f"model.mask_vae '{o.mask_vae}' has no mask_vae/: train stage 1 first (icd train --recipe diff_prompt_mask_vae-tiny) and pass its model folder")
+        self.vae = AutoencoderKL.from_pretrained(str(vae_dir)).eval()
+        if o.clip == "tiny":
+            clip, tokenizer = tiny_clip(o.hidden_size, self.recipe.data.size, self.recipe.run_dir() / "clip_tokenizer", o.clip_width)
+        else:
+            clip, tokenizer = CLIPModel.from_pretrained(o.clip), CLIPTokenizer.from_pretrained(o.clip)
+        if clip.config.projection_dim != o.hidden_size:
+            raise UserError(f"CLIP projection_dim {clip.config.projection_dim} differs from model.hidden_size {o.hidden_size}: they must match (features are added to t)")
+        self.conditioner = ClipConditioner(clip, tokenizer)
+        if not o.train_clip:
+            self.conditioner.eval().requires_grad_(False)
+        downsample = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        dit = MaskDiT(self.recipe.data.size // downsample, o.patch_size, self.vae.config.latent_channels, o.hidden_size, o.depth, o.num_heads, o.mlp_ratio, o.learn_sigma)
+        self.scheduler = noise_scheduler(o.num_train_timesteps, o.schedule)
+        self.model = PromptGeneratorModel(dit, self.scheduler, o.loss, self.conditioner if o.train_clip else None)
+        self.samples = [s for s in referring_samples(self) if s.mask is not None]
+        self.validation = held_out_samples(self, 6)
+
+    def trainable(self):
+        return self.model
+
+    def frozen(self):
+        return [self.vae] + ([] if self.options.train_clip else [self.conditioner])
+
+    def train_dataset(self):
+        return self.samples
+
+    def collate(self, samples):
+        return _as_batch(samples)
+
+    def loss(self, model, batch, step):
+        with torch.no_grad():
+            latents = self.vae.encode(batch["masks"].to(self.vae.dtype)).latent_dist.sample().float()
+            features = None if self.options.train_clip else self.conditioner(batch["images"], batch["texts"])
+        return model(latents, batch["images"], batch["texts"], features)
+
+    def pipeline(self, model) -> MaskGenerationPipeline:
+        return MaskGenerationPipeline(self.vae, model.dit, self.conditioner, self.scheduler)
+
+    @torch.no_grad()
+    def validate(self, model, step):
+        batch = _as_batch(self.validation)
+        device = next(model.parameters()).device
+        pipe = MaskGenerationPipeline(self.vae, model.dit, self.conditioner, self.scheduler)
+        masks = pipe(batch["images"].to(device), batch["texts"], self.options.ddim_steps, torch.Generator().manual_seed(0)).masks.clamp(0, 1)
+        model.dit.train()
+        if self.options.train_clip:
+            self.conditioner.train().requires_grad_(True)
+        return make_grid([[to_pil(x) for x in batch["images"]], [to_pil(m, value_range=(0, 1)) for m in batch["masks"]], [to_pil(m, value_range=(0, 1)) for m in masks]],
+                         labels=batch["texts"] + ["ground truth"] * len(masks) + ["generated"] * len(masks))
+
+    def export(self, model, out_dir: Path) -> None:
+        MaskGenerationPipeline(self.vae, model.dit, self.conditioner, self.scheduler).save_pretrained(out_dir)
+        write_model_index(out_dir, "DiffPromptMaskPipeline", mask_size=self.recipe.data.size, ddim_steps=self.options.ddim_steps)
+
+    def model_card(self) -> str:
+        return ("Stage 2 of Diff-Prompt: an adaLN-Zero DiT (EMA weights when train.ema) generating Mask-VAE latents from CLIP image and text features. "
+                "Next: recipe diff_prompt_grounding with model.prompt_generator set to this folder.\n")
+
+
+# ------------------------------------------------------------------------------ tiny host
+
+
+class HostOptions(Options):
+    embed_dim: int = 32
+    depths: list[int] = [2, 2]
+    num_heads: list[int] = [2, 4]
+    window_size: int = 4
+    bert_width: int = 32
+    bert_layers: int = 4
+    head_dim: int = 64
+
+
+class HostModel(torch.nn.Module):
+    def __init__(self, host):
+        super().__init__()
+        self.host = host
+
+    def forward(self, images, texts, boxes):
+        return self.host(self.host.preprocess(images), texts, boxes).loss
+
+
+def grounding_picture(pipe: GroundingPipeline, samples):
+    from .commands import draw_boxes
+
+    batch = _as_batch(samples)
+    out = pipe(batch["images"], batch["texts"], torch.Generator().manual_seed(0), top_k=1)
+    pictures = [draw_boxes(s.image, [s.box], out.boxes[i, :1].tolist()) for i, s in enumerate(samples)]
+    return make_grid(pictures, labels=batch["texts"], ncols=len(pictures))
+
+
+class GroundingHostHead(Head):
+    """Pre-trains the CPU demo host (TinyGroundingHost: Swin + BERT + dot-product head) on synthetic expressions."""
+
+    Options = HostOptions
+
+    def build(self) -> None:
+        from .hosts import TinyGroundingHost
+        from .tiny import tiny_host_configs, write_bert_tokenizer
+
+        o = self.options
+        swin, bert = tiny_host_configs(self.recipe.data.size, o.embed_dim, o.depths, o.num_heads, o.window_size, o.bert_width, o.bert_layers)
+        tokenizer = write_bert_tokenizer(self.recipe.run_dir() / "bert_tokenizer")
+        self.model = HostModel(TinyGroundingHost.from_configs(swin, bert, tokenizer, o.head_dim))
+        self.samples = referring_samples(self)
+        self.validation = held_out_samples(self, 6)
+
+    def trainable(self):
+        return self.model
+
+    def train_dataset(self):
+        return self.samples
+
+    def collate(self, samples):
+        return _as_batch(samples)
+
+    def loss(self, model, batch, step):
+        return model(batch["images"], batch["texts"], batch["boxes"])
+
+    @torch.no_grad()
+    def validate(self, model, step):
+        picture = grounding_picture(GroundingPipeline(model.host, StagePrompts("none", 0, 2, 1, 1)), self.validation)
+        model.host.train()
+        return picture
+
+    def export(self, model, out_dir: Path) -> None:
+        model.host.save_pretrained(out_dir / "host")
+        write_model_index(out_dir, "GroundingHostPipeline", image_size=self.recipe.data.size)
+
+
+# ------------------------------------------------------------------------------ stage 3
+
+
+class GroundingOptions(Options):
+    host: str  # host model folder (grounding_host) or a Grounding DINO hub id / folder
+    prompt_generator: str | None = None  # stage-2 model folder (Diff-Prompt only)
+    method: str = Field("diff_prompt", pattern="^(diff_prompt|vpt_deep|coop_deep)$")
+    depth: int = Field(9, ge=1)
+    prompt_length: int = Field(8, ge=1)
+    base_channels: int = 8
+    visual: bool = True
+    textual: bool = True
+    visual_global: bool = True
+    textual_global: bool = True
+    ddim_steps: int = Field(25, ge=2)
+
+
+class GroundingHead(Head):
+    """Stage 3: trains only the prompt modules through the frozen host's own grounding loss."""
+
+    Options = GroundingOptions
+
+    def build(self) -> None:
+        from .hosts import load_host
+
+        o = self.options
+        self.host = load_host(o.host).eval().requires_grad_(False)
+        self.generator = None
+        if o.method == "diff_prompt":
+            if o.prompt_generator is None:
+                raise UserError("method diff_prompt needs model.prompt_generator: the stage-2 model folder (e.g. runs/diff_prompt_dit-tiny/model)")
+            self.generator = MaskGenerationPipeline.from_pretrained(o.prompt_generator)
+        mask_size = self.recipe.data.size if self.generator is None else _mask_size(o.prompt_generator, self.recipe.data.size)
+        self.prompts = StagePrompts(o.method, o.depth, o.prompt_length, self.host.vision_dims[0], self.host.text_dim, mask_size, o.base_channels,
+                                    o.visual, o.textual, o.visual_global, o.textual_global)
+        self.samples = referring_samples(self)
+        self.validation = held_out_samples(self, 6)
+
+    def trainable(self):
+        return self.prompts
+
+    def frozen(self):
+        parts = [self.host]
+        if self.generator is not None:
+            parts += [self.generator.mask_vae, self.generator.dit, self.generator.conditioner]
+        return parts
+
+    def train_dataset(self):
+        return self.samples
+
+    def collate(self, samples):
+        return _as_batch(samples)
+
+    def loss(self, model, batch, step):
+        images = batch["images"]
+        # The mask generator runs frozen, under no_grad, with fresh noise from the global RNG.
+        masks = self.generator.prompt_masks(images, batch["texts"], self.options.depth, self.options.ddim_steps) if self.generator else None
+        vision, text = model(images.shape[0], masks)
+        with self.host.prompted(vision, text):
+            return self.host(self.host.preprocess(images), batch["texts"], batch["boxes"].to(images.device)).loss
+
+    def pipeline(self, model) -> GroundingPipeline:
+        return GroundingPipeline(self.host, model, self.generator, self.options.ddim_steps)
+
+    @torch.no_grad()
+    def validate(self, model, step):
+        picture = grounding_picture(self.pipeline(model), self.validation)
+        model.train()
+        return picture
+
+    def export(self, model, out_dir: Path) -> None:
+        self.pipeline(model).save_pretrained(out_dir)
+
+    def model_card(self) -> str:
+        return f"Stage 3 of Diff-Prompt ({self.options.method}): prompt modules for a frozen grounding host (`host/`).\n"
+
+
+def _mask_size(folder: str, default: int) -> int:
+    import json
+
+    index = Path(folder) / "model_index.json"
+    return json.loads(index.read_text()).get("mask_size", default) if index.is_file() else default
