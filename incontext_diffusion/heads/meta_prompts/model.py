@@ -114,7 +114,7 @@ class MetaPromptsBackbone(nn.Module):
 def resize_to_multiple(images: torch.Tensor, multiple: int, extra: int) -> torch.Tensor:
     """Resize (not pad) to ((h // multiple) + extra) * multiple per side, as the official depth model does."""
     h, w = images.shape[-2:]
-    size = ((h // multiple + extra) * multiple, (w // multiple + extra) * multiple)
+    size = (max(1, h // multiple + extra) * multiple, max(1, w // multiple + extra) * multiple)  # never below one multiple
     if size == (h, w):
         return images
     return F.interpolate(images, size=size, mode="bilinear", align_corners=False)

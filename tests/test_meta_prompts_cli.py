@@ -1,0 +1,146 @@
+"""MetaPrompts end to end on a micro backbone: parameter groups, training, export, infer, eval, convert."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from incontext_diffusion.cli import app
+from incontext_diffusion.core.components import save_components
+from incontext_diffusion.core.head import load_head
+from incontext_diffusion.core.tiny import micro_components
+from incontext_diffusion.core.trainer import train
+from incontext_diffusion.errors import UserError
+from incontext_diffusion.heads.meta_prompts.convert import convert_checkpoint, head_state_dict
+from incontext_diffusion.heads.meta_prompts.pipeline import MetaPromptsDepthPipeline
+from incontext_diffusion.recipes import load_recipe
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("micro") / "backbone"
+    save_components(micro_components(tmp_path_factory.mktemp("tok")), folder)
+    return folder
+
+
+def recipe_file(tmp_path: Path, backbone: Path, task: str, **model) -> Path:
+    recipe = {
+        "description": "micro", "head": "meta_prompts", "backbone": str(backbone), "output_dir": str(tmp_path / f"run-{task}"),
+        "data": {"size": 64, "num_samples": 4, "held_out": 2, "max_objects": 1},
+        "model": {"task": task, "num_prompts": 4, "resize_scale": 0, "num_deconv": 2, "decoder_channels": 8,
+                  "num_classes": 5, "channels": 8, "auxiliary_channels": 8, **model},
+        "train": {"max_steps": 2, "batch_size": 2, "learning_rate": 1e-3, "checkpoint_every": 2, "validate_every": 2, "log_every": 1},
+    }
+    path = tmp_path / f"{task}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_parameter_groups_give_the_unet_the_reduced_lr(tmp_path, backbone):
+    for task, scale in (("depth", 0.01), ("segmentation", 0.1)):
+        head = load_head(load_recipe(str(recipe_file(tmp_path, backbone, task))))
+        head.build()
+        model = head.trainable()
+        groups = head.parameter_groups(model, 1e-3)
+        lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+        decay_of = {id(p): g.get("weight_decay") for g in groups for p in g["params"]}
+        unet = model.backbone.unet
+        assert lr_of[id(unet.conv_in.weight)] == pytest.approx(1e-3 * scale)
+        assert lr_of[id(unet.up_blocks[1].attentions[0].norm.weight)] == pytest.approx(1e-3 * scale)  # norms too (official quirk fixed)
+        assert lr_of[id(model.head.time_embeddings)] == pytest.approx(1e-3)
+        assert decay_of[id(unet.conv_in.bias)] == 0.0 and decay_of[id(model.head.time_embeddings)] is None  # 2-D: the recipe's decay
+        assert id(unet.time_embedding.linear_1.weight) not in lr_of  # bypassed
+        assert not any(id(p) in lr_of for p in model.backbone.vae.parameters())  # frozen
+
+
+def export_untrained(tmp_path: Path, backbone: Path, task: str, **model) -> Path:
+    """Build and export without training (the trainer itself is exercised by the depth case)."""
+    head = load_head(load_recipe(str(recipe_file(tmp_path, backbone, task, **model))))
+    head.build()
+    out_dir = tmp_path / f"model-{task}"
+    head.export(head.trainable(), out_dir)
+    return out_dir
+
+
+@pytest.mark.parametrize("task", ["depth", "segmentation"])
+def test_train_export_infer_eval(tmp_path, backbone, task):
+    if task == "depth":
+        out_dir = train(load_head(load_recipe(str(recipe_file(tmp_path, backbone, task)))))
+        assert (out_dir.parent / "samples" / "step-000002.png").is_file()
+    else:
+        out_dir = export_untrained(tmp_path, backbone, task)
+    index = json.loads((out_dir / "model_index.json").read_text())
+    assert index["_class_name"] == ("MetaPromptsDepthPipeline" if task == "depth" else "MetaPromptsSegmentationPipeline")
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(images / "a.png")
+    (images / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "pred"
+    result = CliRunner().invoke(app, ["infer", "--model", str(out_dir), "--image", str(images), "--out", str(out)])
+    assert isinstance(result.exception, UserError) and "broken.png" in str(result.exception)  # reported...
+    if task == "depth":  # ...and the good image still written
+        depth = np.load(out / "a_depth.npy")
+        assert depth.shape == (40, 48) and 0 < depth.min() and depth.max() < 10
+        png = np.asarray(Image.open(out / "a_depth.png"))
+        assert png.dtype == np.uint16 and abs(int(png[0, 0]) - round(depth[0, 0] * 1000)) <= 1
+        assert Image.open(out / "a_depth_colored.png").mode == "RGB"
+    else:
+        labels = np.asarray(Image.open(out / "a_labels.png"))
+        assert labels.shape == (40, 48) and labels.max() < 5
+        assert Image.open(out / "a_overlay.png").size == (48, 40)
+
+    result = CliRunner().invoke(app, ["eval", "--model", str(out_dir), "--num-samples", "2", "--out", str(tmp_path / "eval")])
+    assert result.exit_code == 0, result.output
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    expected = ["abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "d1", "d2", "d3", "silog"] if task == "depth" else ["mIoU", "aAcc"]
+    assert all(key in results for key in expected) and results["num_samples"] == 2
+
+
+def official_depth_state(pipe: MetaPromptsDepthPipeline) -> dict:
+    """The head weights of `pipe` under the official depth checkpoint's names."""
+    state = {}
+    for key, value in pipe.head.state_dict().items():
+        if key.startswith("meta_prompts."):
+            state[f"encoder.meta_prompts{int(key.split('.')[1]) + 1}"] = value
+        elif key.startswith("prompt_adapters."):
+            _, k, rest = key.split(".", 2)
+            state[f"encoder.text_adapter{int(k) + 1}.fc.{rest}"] = value
+        elif key == "time_embeddings":
+            state.update({f"encoder.t{k + 1}": value[k : k + 1] for k in range(value.shape[0])})
+        elif key.startswith(("layer", "out_layer")):
+            state[f"encoder.{key}"] = value
+        else:
+            state[key] = value
+    return state
+
+
+def test_head_names_of_official_checkpoints_map_back(tmp_path, backbone):
+    pipe = MetaPromptsDepthPipeline.from_pretrained(export_untrained(tmp_path, backbone, "depth", num_loops=2))
+    official = official_depth_state(pipe)
+    assert "encoder.t2" in official and "encoder.text_adapter1.fc.0.weight" in official
+    mapped = head_state_dict(official, "depth")
+    expected = pipe.head.state_dict()
+    assert mapped.keys() == expected.keys()
+    assert all(torch.equal(mapped[k], expected[k]) for k in expected)
+    # segmentation: mmseg ConvModule / conv_seg names become transformers' UperNet names
+    seg = head_state_dict({"decode_head.lateral_convs.0.bn.weight": torch.ones(1), "auxiliary_head.conv_seg.bias": torch.ones(1),
+                           "upconv2.1.weight": torch.ones(1), "t1": torch.ones(1, 4), "t2": torch.zeros(1, 4)}, "segmentation")
+    assert set(seg) == {"decode_head.lateral_convs.0.batch_norm.weight", "auxiliary_head.classifier.bias", "upconvs.1.1.weight", "time_embeddings"}
+    assert seg["time_embeddings"].tolist() == [[1.0] * 4, [0.0] * 4]
+
+
+def test_convert_refuses_a_checkpoint_without_unet_weights(tmp_path, backbone):
+    from safetensors.torch import save_file
+
+    save_file({"decoder.conv_layers.0.weight": torch.zeros(1)}, str(tmp_path / "x.safetensors"))
+    with pytest.raises(UserError, match="no 'encoder.unet.unet.diffusion_model"):
+        convert_checkpoint(tmp_path / "x.safetensors", tmp_path / "out", task="depth", backbone=str(backbone))
+    assert not (tmp_path / "out").exists()
