@@ -69,18 +69,19 @@ def _dataset_for(options, task: str):
     from ...data import perception
 
     recipe_file = options.model / "recipe.yaml"
-    size = 64
+    scenes = {"size": 64, "min_objects": 1, "max_objects": 3}  # synthetic scenes like the training ones
     if recipe_file.is_file():
         import yaml
 
-        size = yaml.safe_load(recipe_file.read_text()).get("data", {}).get("size", 64)
+        data_section = yaml.safe_load(recipe_file.read_text()).get("data", {})
+        scenes = {key: data_section.get(key, value) for key, value in scenes.items()}
     source = options.tasks[0] if options.tasks else None
     data = options.data
     if data is None or source == "synthscenes":
         from .head import HELD_OUT_SEED
 
         kind = perception.SynthDepth if task == "depth" else perception.SynthSegmentation
-        return kind(options.num_samples, size=size, seed=HELD_OUT_SEED + options.seed), "synthscenes"
+        return kind(options.num_samples, seed=HELD_OUT_SEED + options.seed, **scenes), "synthscenes"
     data = Path(data)
     if source is None:  # guess from the layout
         if (data / "ADEChallengeData2016").is_dir() or (data / "images" / "validation").is_dir():
