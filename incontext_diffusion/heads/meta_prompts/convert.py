@@ -68,7 +68,10 @@ def head_state_dict(state: dict[str, torch.Tensor], task: str) -> dict[str, torc
 
 
 def _load(module: torch.nn.Module, weights: dict[str, torch.Tensor], allowed_missing: tuple[str, ...], what: str) -> None:
-    result = module.load_state_dict(weights, strict=False)
+    try:
+        result = module.load_state_dict(weights, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise UserError(f"the checkpoint's {what} does not fit the backbone ({str(err).splitlines()[1].strip()}): pass the --backbone it was trained from") from None
     missing = [k for k in result.missing_keys if not k.startswith(allowed_missing)]
     if missing or result.unexpected_keys:
         problem = f"missing {missing[:3]}" if missing else f"unexpected {result.unexpected_keys[:3]}"
@@ -99,7 +102,13 @@ def convert_checkpoint(checkpoint: Path, out: Path, task: str = "depth", backbon
     common = dict(feature_channels=tuple(feature_channels(unet)), prompt_dim=unet.config.cross_attention_dim,
                   time_embedding_dim=time_embedding_dim(unet), num_loops=int(head_weights["time_embeddings"].shape[0]))
     if task == "depth":
-        head = MetaPromptsDepthHead(**common, num_prompts=int(head_weights["meta_prompts.0"].shape[0]), max_depth=max_depth, resize_scale=resize_scale)
+        # The decoder's shape is read from the weights (official: 3 deconvolutions of 32 filters, 192 channels).
+        deconvs = [k for k in head_weights if re.fullmatch(r"decoder\.deconv_layers\.\d+\.weight", k) and head_weights[k].ndim == 4]
+        head = MetaPromptsDepthHead(
+            **common, num_prompts=int(head_weights["meta_prompts.0"].shape[0]), max_depth=max_depth, resize_scale=resize_scale,
+            num_deconv=len(deconvs), deconv_filters=int(head_weights["decoder.deconv_layers.0.weight"].shape[1]),
+            decoder_channels=int(head_weights["last_layer_depth.0.weight"].shape[0]),
+        )
         pipe_class = MetaPromptsDepthPipeline
     else:
         head = MetaPromptsSegmentationHead(**common, num_prompts=int(head_weights["meta_prompts"].shape[0]), num_classes=num_classes)
