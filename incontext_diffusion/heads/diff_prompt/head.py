@@ -166,7 +166,7 @@ class DiTHead(Head):
         vae_dir = Path(o.mask_vae) / "mask_vae"
         if not vae_dir.is_dir():
             raise UserError(f"model.mask_vae '{o.mask_vae}' has no mask_vae/: train stage 1 first (icd train --recipe diff_prompt_mask_vae-tiny) and pass its model folder")
-        self.vae = AutoencoderKL.from_pretrained(str(vae_dir)).eval()
+        self.vae = AutoencoderKL.from_pretrained(str(vae_dir)).eval().requires_grad_(False)
         if o.clip == "tiny":
             clip, tokenizer = tiny_clip(o.hidden_size, self.recipe.data.size, self.recipe.run_dir() / "clip_tokenizer", o.clip_width)
         else:
@@ -208,11 +208,8 @@ class DiTHead(Head):
     def validate(self, model, step):
         batch = _as_batch(self.validation)
         device = next(model.parameters()).device
-        pipe = MaskGenerationPipeline(self.vae, model.dit, self.conditioner, self.scheduler)
+        pipe = self.pipeline(model)
         masks = pipe(batch["images"].to(device), batch["texts"], self.options.ddim_steps, torch.Generator().manual_seed(0)).masks.clamp(0, 1)
-        model.dit.train()
-        if self.options.train_clip:
-            self.conditioner.train().requires_grad_(True)
         return make_grid([[to_pil(x) for x in batch["images"]], [to_pil(m, value_range=(0, 1)) for m in batch["masks"]], [to_pil(m, value_range=(0, 1)) for m in masks]],
                          labels=batch["texts"] + ["ground truth"] * len(masks) + ["generated"] * len(masks))
 
@@ -286,9 +283,7 @@ class GroundingHostHead(Head):
 
     @torch.no_grad()
     def validate(self, model, step):
-        picture = grounding_picture(GroundingPipeline(model.host, StagePrompts("none", 0, 2, 1, 1)), self.validation)
-        model.host.train()
-        return picture
+        return grounding_picture(GroundingPipeline(model.host, StagePrompts("none", 0, 2, 1, 1)), self.validation)
 
     def export(self, model, out_dir: Path) -> None:
         model.host.save_pretrained(out_dir / "host")
@@ -361,9 +356,7 @@ class GroundingHead(Head):
 
     @torch.no_grad()
     def validate(self, model, step):
-        picture = grounding_picture(self.pipeline(model), self.validation)
-        model.train()
-        return picture
+        return grounding_picture(self.pipeline(model), self.validation)
 
     def export(self, model, out_dir: Path) -> None:
         self.pipeline(model).save_pretrained(out_dir)

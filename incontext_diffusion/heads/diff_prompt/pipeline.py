@@ -52,8 +52,6 @@ class MaskGenerationPipeline:
     def __init__(self, mask_vae: AutoencoderKL, dit: MaskDiT, conditioner: ClipConditioner, scheduler: DDPMScheduler):
         self.mask_vae, self.dit, self.conditioner, self.scheduler = mask_vae, dit, conditioner, scheduler
         self.sampler = ddim_scheduler(scheduler)
-        for module in (mask_vae, dit, conditioner):
-            module.eval().requires_grad_(False)
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> "MaskGenerationPipeline":
@@ -61,8 +59,10 @@ class MaskGenerationPipeline:
 
         folder = _check_folder(Path(folder), ["mask_vae", "dit", "clip", "scheduler"])
         conditioner = ClipConditioner(CLIPModel.from_pretrained(str(folder / "clip")), CLIPTokenizer.from_pretrained(str(folder / "clip")))
-        return cls(AutoencoderKL.from_pretrained(str(folder / "mask_vae")), MaskDiT.from_pretrained(str(folder / "dit")), conditioner,
-                   DDPMScheduler.from_pretrained(str(folder / "scheduler")))
+        parts = [AutoencoderKL.from_pretrained(str(folder / "mask_vae")), MaskDiT.from_pretrained(str(folder / "dit")), conditioner]
+        for module in parts:  # inference (and stage 3) only: frozen
+            module.eval().requires_grad_(False)
+        return cls(*parts, DDPMScheduler.from_pretrained(str(folder / "scheduler")))
 
     def save_pretrained(self, out_dir: str | Path) -> None:
         out_dir = Path(out_dir)
@@ -149,7 +149,7 @@ class GroundingPipeline:
     """Stage 3 (or a bare host): image + expression -> ranked boxes, with Diff-Prompt/VPT/CoOp prompts."""
 
     def __init__(self, host, prompts: StagePrompts, generator: MaskGenerationPipeline | None = None, ddim_steps: int = 25):
-        self.host, self.prompts, self.mask_generator, self.ddim_steps = host.eval(), prompts.eval(), generator, ddim_steps
+        self.host, self.prompts, self.mask_generator, self.ddim_steps = host, prompts, generator, ddim_steps
         if prompts.needs_masks and generator is None:
             raise UserError("Diff-Prompt prompts need the stage-2 mask generator: set model.prompt_generator to the stage-2 model folder")
 
@@ -163,7 +163,7 @@ class GroundingPipeline:
         else:
             prompts = StagePrompts("none", 0, 2, host.vision_dims[0], host.text_dim)
         generator = MaskGenerationPipeline.from_pretrained(folder) if prompts.needs_masks else None
-        return cls(host, prompts, generator, index.get("ddim_steps", 25))
+        return cls(host.eval().requires_grad_(False), prompts.eval().requires_grad_(False), generator, index.get("ddim_steps", 25))
 
     def save_pretrained(self, out_dir: str | Path, class_name: str = "DiffPromptGroundingPipeline") -> None:
         out_dir = Path(out_dir)
