@@ -48,9 +48,9 @@ def images(batch: int = 2):
     return torch.rand(batch, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
 
 
-def run(host, vision=None, text=None, x=None, texts=TEXTS):
+def run(host, vision=None, text=None, x=None, texts=TEXTS, paper_compat=False):
     x = images(len(texts)) if x is None else x
-    with torch.no_grad(), host.prompted(vision, text):
+    with torch.no_grad(), host.prompted(vision, text, paper_compat):
         return host(host.preprocess(x), texts)
 
 
@@ -108,6 +108,10 @@ def test_per_sample_prompt_alignment(name, request):
     single = run(host, v0, t0, x[:1], same_texts[:1])
     assert torch.allclose(both.logits[0], single.logits[0], atol=1e-4)
     assert torch.allclose(both.boxes[0], single.boxes[0], atol=1e-4)
+    # The official tiling (`repeat`) hands sample 0 some of sample 1's prompts: this test exists to catch it.
+    mixed = run(host, [torch.cat(p) for p in zip(v0, v1)], [], x, same_texts, paper_compat=True)
+    alone = run(host, v0, [], x[:1], same_texts[:1])
+    assert not torch.allclose(mixed.logits[0], alone.logits[0], atol=1e-4)
 
 
 @pytest.mark.parametrize("method", ["diff_prompt", "vpt_deep", "coop_deep"])

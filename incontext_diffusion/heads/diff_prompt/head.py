@@ -305,6 +305,7 @@ class GroundingOptions(Options):
     visual_global: bool = True
     textual_global: bool = True
     ddim_steps: int = Field(25, ge=2)
+    paper_compat: bool = False  # reproduce the official batch mixing of vision prompts (bug 1), for comparison only
 
 
 class GroundingHead(Head):
@@ -324,7 +325,7 @@ class GroundingHead(Head):
             self.generator = MaskGenerationPipeline.from_pretrained(o.prompt_generator)
         mask_size = self.recipe.data.size if self.generator is None else _mask_size(o.prompt_generator, self.recipe.data.size)
         self.prompts = StagePrompts(o.method, o.depth, o.prompt_length, self.host.vision_dims[0], self.host.text_dim, mask_size, o.base_channels,
-                                    o.visual, o.textual, o.visual_global, o.textual_global)
+                                    o.visual, o.textual, o.visual_global, o.textual_global, o.paper_compat)
         self.samples = referring_samples(self)
         self.validation = held_out_samples(self, 6)
 
@@ -348,7 +349,7 @@ class GroundingHead(Head):
         # The mask generator runs frozen, under no_grad, with fresh noise from the global RNG.
         masks = self.generator.prompt_masks(images, batch["texts"], self.options.depth, self.options.ddim_steps) if self.generator else None
         vision, text = model(images.shape[0], masks)
-        with self.host.prompted(vision, text):
+        with self.host.prompted(vision, text, self.options.paper_compat):
             return self.host(self.host.preprocess(images), batch["texts"], batch["boxes"].to(images.device)).loss
 
     def pipeline(self, model) -> GroundingPipeline:

@@ -8,6 +8,7 @@ Contract. A host is an `nn.Module` with
 - `preprocess(images)` from [-1, 1] RGB tensors to its input, and `save_pretrained` / `load_host`.
 `with host.prompted(vision, text):` sets per-sample prompts (B, L, D) for the first len(vision)
 Swin blocks and the first len(text) BERT layers; outside the block the host is untouched.
+`paper_compat=True` reproduces the official code's batch mixing of vision prompts (bug 1).
 
 Injection (both hosts share it, since both are built from transformers' Swin and BERT):
 - Swin: a layer's prompts are appended to every attention window as extra keys/values; their
@@ -55,6 +56,7 @@ class PromptedSwinAttention(nn.Module):
         super().__init__()
         self.inner = attention
         self.prompts: torch.Tensor | None = None
+        self.paper_compat = False  # True: the official `repeat` tiling, which mixes prompts across the batch
         self.dim = attention.q_proj.in_features
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
@@ -65,7 +67,10 @@ class PromptedSwinAttention(nn.Module):
         batch, length = self.prompts.shape[:2]
         if windows % batch:
             raise ValueError(f"{windows} windows do not split into {batch} samples")
-        prompts = self.prompts.to(hidden_states.dtype).repeat_interleave(windows // batch, dim=0)
+        if self.paper_compat:
+            prompts = self.prompts.to(hidden_states.dtype).repeat(windows // batch, 1, 1)
+        else:
+            prompts = self.prompts.to(hidden_states.dtype).repeat_interleave(windows // batch, dim=0)
         tokens = torch.cat([hidden_states, prompts], dim=1)
 
         def heads(x: torch.Tensor) -> torch.Tensor:
@@ -154,7 +159,7 @@ class PromptSlots(nn.Module):
         return self.text_layers[0].dim
 
     @contextlib.contextmanager
-    def prompted(self, vision: list[torch.Tensor] | None = None, text: list[torch.Tensor] | None = None):
+    def prompted(self, vision: list[torch.Tensor] | None = None, text: list[torch.Tensor] | None = None, paper_compat: bool = False):
         vision, text = vision or [], text or []
         if len(vision) > len(self.vision_blocks) or len(text) > len(self.text_layers):
             raise UserError(
@@ -162,7 +167,7 @@ class PromptSlots(nn.Module):
             )
         try:
             for block, prompts in zip(self.vision_blocks, vision):
-                block.prompts = fit_tokens(prompts, block.dim)
+                block.prompts, block.paper_compat = fit_tokens(prompts, block.dim), paper_compat
             for layer, prompts in zip(self.text_layers, text):
                 layer.prompts = prompts
             yield self

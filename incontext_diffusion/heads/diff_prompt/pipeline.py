@@ -13,7 +13,6 @@ are not diffusers pipeline components. Model folders (each has a model_index.jso
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,11 +94,13 @@ class StagePrompts(torch.nn.Module):
     """What stage 3 trains: Diff-Prompt's two adaptors, or VPT-deep / CoOp-deep static prompts."""
 
     def __init__(self, method: str, depth: int, prompt_length: int, vision_dim: int, text_dim: int, mask_size: int = 224,
-                 base_channels: int = 8, visual: bool = True, textual: bool = True, visual_global: bool = True, textual_global: bool = True):
+                 base_channels: int = 8, visual: bool = True, textual: bool = True, visual_global: bool = True, textual_global: bool = True,
+                 paper_compat: bool = False):
         super().__init__()
         self.settings = dict(method=method, depth=depth, prompt_length=prompt_length, vision_dim=vision_dim, text_dim=text_dim, mask_size=mask_size,
-                             base_channels=base_channels, visual=visual, textual=textual, visual_global=visual_global, textual_global=textual_global)
-        self.method, self.depth = method, depth
+                             base_channels=base_channels, visual=visual, textual=textual, visual_global=visual_global, textual_global=textual_global,
+                             paper_compat=paper_compat)
+        self.method, self.depth, self.paper_compat = method, depth, paper_compat
         self.vision = self.text = None
         if method == "diff_prompt":
             if visual:
@@ -186,14 +187,9 @@ class GroundingPipeline:
         if len(texts) != images.shape[0]:
             raise UserError(f"{images.shape[0]} images but {len(texts)} expressions: pass one expression per image")
         vision, text, masks = self.prompt_tensors(images, texts, generator)
-        with self.host.prompted(vision, text):
+        with self.host.prompted(vision, text, self.prompts.paper_compat):
             out = self.host(self.host.preprocess(images), texts)
         scores, order = out.logits.sigmoid().sort(dim=1, descending=True)
         order, scores = order[:, :top_k], scores[:, :top_k]
         boxes = torch.gather(out.boxes, 1, order[..., None].expand(-1, -1, 4))
         return GroundingPipelineOutput(boxes, scores, masks[0] if masks else None, masks)
-
-
-def copy_folder_parts(source: Path, target: Path, parts: list[str]) -> None:
-    for part in parts:
-        shutil.copytree(Path(source) / part, Path(target) / part, dirs_exist_ok=True)
