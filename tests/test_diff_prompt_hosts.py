@@ -171,3 +171,11 @@ def test_host_round_trip(tiny_host, tmp_path):
     assert torch.equal(run(loaded).logits, run(tiny_host).logits)
     with pytest.raises(UserError, match="neither"):
         load_host("no_such_host")
+
+
+def test_grounding_dino_round_trip(dino, tmp_path):
+    """The wrappers' `.inner.` keys are saved under transformers' own names and load back."""
+    dino.save_pretrained(tmp_path / "host")
+    loaded = load_host(tmp_path).eval()
+    assert isinstance(loaded, GroundingDinoHost)
+    assert torch.equal(run(loaded).logits, run(dino).logits)
