@@ -129,7 +129,7 @@ def test_pipeline_equals_hand_written_ddim_cfg_loop(components, conditioning_ran
     assert (out - expected).abs().max().item() <= 1e-5
 
 
-def test_pipeline_ranges_differ_and_inputs_of_every_kind_agree(components, tmp_path):
+def test_pipeline_accepts_paths_pil_arrays_and_tensors_alike(components, tmp_path):
     pipe = make_pipeline(components, randomised_controlnet(components.unet))
     rng = np.random.default_rng(0)
     arrays = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(3)]
@@ -137,16 +137,22 @@ def test_pipeline_ranges_differ_and_inputs_of_every_kind_agree(components, tmp_p
     for i, array in enumerate(arrays):
         Image.fromarray(array).save(tmp_path / f"{i}.png")
         paths.append(tmp_path / f"{i}.png")
-    run = lambda p, q: p("a cube", q[2], q[:2], num_inference_steps=2, guidance_scale=3.0, generator=torch.Generator().manual_seed(1), output_type="np").images
-    from_arrays = run(pipe, arrays)
-    from_paths = run(pipe, paths)
-    from_pil = run(pipe, [Image.fromarray(a) for a in arrays])
-    from_tensors = run(pipe, [torch.from_numpy(a).permute(2, 0, 1).float() / 255 for a in arrays])
-    assert from_arrays.shape == (1, 64, 64, 3)
-    assert np.abs(from_arrays - from_paths).max() == 0 and np.abs(from_arrays - from_pil).max() == 0
-    assert np.abs(from_arrays - from_tensors).max() < 1e-5
-    other_range = make_pipeline(components, pipe.controlnet, "[0, 1]")
-    assert np.abs(run(other_range, arrays) - from_arrays).max() > 1e-4  # the range convention matters
+    kinds = [arrays, paths, [Image.fromarray(a) for a in arrays], [torch.from_numpy(a).permute(2, 0, 1).float() / 255 for a in arrays],
+             [a.astype(np.float32) / 255 for a in arrays]]
+    conditionings = [pipe.prepare_conditioning(images[2], images[:2]) for images in kinds]
+    pair, query = conditionings[0]
+    assert pair.shape == (1, 6, 64, 64) and query.shape == (1, 3, 64, 64)
+    assert torch.allclose(pair[0, 3:], torch.from_numpy(arrays[1]).permute(2, 0, 1).float() / 127.5 - 1)  # [source, target], in [-1, 1]
+    for other_pair, other_query in conditionings[1:]:
+        assert (other_pair - pair).abs().max() < 1e-6 and (other_query - query).abs().max() < 1e-6
+
+
+def test_conditioning_range_changes_the_output(components):
+    controlnet = randomised_controlnet(components.unet)
+    source, target, query = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(2)).unbind(0)
+    outputs = [make_pipeline(components, controlnet, r)("a cube", query, [source, target], num_inference_steps=2, guidance_scale=3.0,
+                                                        generator=torch.Generator().manual_seed(1), output_type="np").images for r in ("[-1, 1]", "[0, 1]")]
+    assert np.abs(outputs[0] - outputs[1]).max() > 1e-4
 
 
 def test_pipeline_rejects_bad_inputs_with_clear_errors(components):

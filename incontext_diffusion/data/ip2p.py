@@ -69,6 +69,8 @@ class IP2PTriplets:
         return np.asarray(load_rgb(path, size=self.size))
 
     def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self.folders):
+            raise IndexError(f"index {index} out of range for {len(self.folders)} folders")  # also ends iteration
         rng = np.random.default_rng([self.seed, index])
         folder, seeds = self.folders[index]
         task = self.tasks[rng.integers(len(self.tasks))]

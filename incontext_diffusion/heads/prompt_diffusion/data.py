@@ -43,6 +43,8 @@ class SyntheticTriplets(torch.utils.data.Dataset):
         return self.n
 
     def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self.n:
+            raise IndexError(f"index {index} out of range for {self.n} triplets")  # also ends iteration
         rng = np.random.default_rng([self.seed, index])
         task = self.tasks[rng.integers(len(self.tasks))]
         change = FAMILY_CHANGES[rng.integers(len(FAMILY_CHANGES))]

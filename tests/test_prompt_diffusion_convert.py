@@ -1,0 +1,130 @@
+"""Converter round trip: a tiny ldm-layout Prompt Diffusion checkpoint, built here from the spec's key
+table (§5.2), converts back to exactly the weights it was built from."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from incontext_diffusion.core.components import save_components
+from incontext_diffusion.core.tiny import micro_components
+from incontext_diffusion.errors import UserError
+from incontext_diffusion.heads.prompt_diffusion.controlnet import PromptDiffusionControlNetModel
+from incontext_diffusion.heads.prompt_diffusion.convert import convert_checkpoint, convert_state, load_state_dict
+from incontext_diffusion.heads.prompt_diffusion.evaluate import load_pipeline
+
+RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
+          "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+
+
+def ldm_name(key: str, config) -> str:
+    """The ldm name of a diffusers UNet / ControlNet key (the inverse of the spec's table)."""
+    per_level = config.layers_per_block + 1
+    parts = key.split(".")
+    simple = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+              "conv_norm_out": "out.0", "conv_out": "out.2", "controlnet_mid_block": "middle_block_out.0"}
+    head = ".".join(parts[:-1])
+    if head in simple:
+        return f"{simple[head]}.{parts[-1]}"
+    if parts[0] in ("controlnet_cond_embedding", "controlnet_query_cond_embedding"):
+        block = "input_hint_block" if parts[0] == "controlnet_cond_embedding" else "input_cond_block"
+        n_blocks = 2 * (len(config.conditioning_embedding_out_channels) - 1)
+        index = {"conv_in": 0, "conv_out": 2 * n_blocks + 2}.get(parts[1])
+        index = 2 * int(parts[2]) + 2 if index is None else index
+        return f"{block}.{index}.{parts[-1]}"
+    if parts[0] == "controlnet_down_blocks":
+        return f"zero_convs.{parts[1]}.0.{parts[2]}"
+    if parts[0] == "mid_block":
+        index = {"resnets.0": 0, "attentions.0": 1, "resnets.1": 2}[f"{parts[1]}.{parts[2]}"]
+        rest = parts[3:]
+    elif parts[0] in ("down_blocks", "up_blocks"):
+        level, kind, j = int(parts[1]), parts[2], int(parts[3])
+        down = parts[0] == "down_blocks"
+        if kind in ("downsamplers", "upsamplers"):
+            index = 1 + level * per_level + config.layers_per_block if down else level * per_level + config.layers_per_block
+            has_attention = "CrossAttn" in config.up_block_types[level] if not down else False
+            slot = "0.op" if down else ("2.conv" if has_attention else "1.conv")
+            return f"{'input_blocks' if down else 'output_blocks'}.{index}.{slot}.{parts[-1]}"
+        index = (1 + level * per_level + j) if down else level * per_level + j
+        rest = [str(0 if kind == "resnets" else 1), *parts[4:]]
+        return f"{'input_blocks' if down else 'output_blocks'}.{index}.{'.'.join(rename_resnet(rest))}"
+    else:
+        raise AssertionError(f"unexpected key {key}")
+    return f"middle_block.{index}.{'.'.join(rename_resnet(rest))}"
+
+
+def rename_resnet(parts: list[str]) -> list[str]:
+    if len(parts) == 2 and parts[0] in RESNET:
+        return [*RESNET[parts[0]].split("."), parts[1]]
+    if len(parts) == 3 and parts[1] in RESNET:  # ["0", "norm1", "weight"]
+        return [parts[0], *RESNET[parts[1]].split("."), parts[2]]
+    return parts
+
+
+class Opaque:
+    """An object that only unpickling can rebuild: such a checkpoint is refused without --trust-pickle."""
+
+
+def random_controlnet(unet) -> PromptDiffusionControlNetModel:
+    controlnet = PromptDiffusionControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 8))
+    with torch.no_grad():
+        for param in controlnet.parameters():
+            param.normal_()  # every tensor distinct, so a swapped key cannot pass
+    return controlnet
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("micro")
+    components = micro_components(folder / "tok", seed=0)
+    save_components(components, folder / "base")
+    return components, folder / "base"
+
+
+def ldm_checkpoint(components, controlnet) -> dict:
+    state = {"control_model." + ldm_name(k, controlnet.config): v.clone() for k, v in controlnet.state_dict().items()}
+    unet = {k: v + 1.0 for k, v in components.unet.state_dict().items()}  # the "trained" UNet differs from the base one
+    state |= {"model.diffusion_model." + ldm_name(k, components.unet.config): v for k, v in unet.items()}
+    return state, unet
+
+
+def test_every_key_is_mapped_and_values_are_equal(micro):
+    components, base_dir = micro
+    controlnet = random_controlnet(components.unet)
+    state, trained_unet = ldm_checkpoint(components, controlnet)
+    assert any(k.startswith("control_model.input_cond_block.") for k in state) and any(k.startswith("control_model.input_hint_block.10") for k in state)
+    from incontext_diffusion.core.components import load_components
+
+    converted_components, converted = convert_state(state, load_components(str(base_dir)))
+    assert converted.state_dict().keys() == controlnet.state_dict().keys()
+    for key, value in controlnet.state_dict().items():
+        assert torch.equal(converted.state_dict()[key], value), key
+    for key, value in trained_unet.items():  # the UNet comes from the checkpoint, not from the base
+        assert torch.equal(converted_components.unet.state_dict()[key], value), key
+
+
+def test_leftover_keys_are_refused(micro):
+    components, base_dir = micro
+    state, _ = ldm_checkpoint(components, random_controlnet(components.unet))
+    state["control_model.extra_block.0.weight"] = torch.zeros(1)
+    from incontext_diffusion.core.components import load_components
+
+    with pytest.raises(UserError, match="control_model"):
+        convert_state(state, load_components(str(base_dir)))
+
+
+def test_cli_converter_writes_a_loadable_pipeline_and_refuses_pickles(micro, tmp_path):
+    components, base_dir = micro
+    controlnet = random_controlnet(components.unet)
+    state, _ = ldm_checkpoint(components, controlnet)
+    torch.save({"state_dict": state}, tmp_path / "plain.ckpt")
+    out = convert_checkpoint(tmp_path / "plain.ckpt", tmp_path / "model", config=str(base_dir))
+    pipe = load_pipeline(out)
+    assert torch.equal(pipe.controlnet.controlnet_query_cond_embedding.conv_in.weight, controlnet.controlnet_query_cond_embedding.conv_in.weight)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "weights.safetensors"))
+    assert load_state_dict(tmp_path / "weights.safetensors").keys() == state.keys()
+
+    torch.save({"state_dict": state, "extra": Opaque()}, tmp_path / "pickled.ckpt")
+    with pytest.raises(UserError, match="--trust-pickle"):
+        load_state_dict(tmp_path / "pickled.ckpt")
+    with pytest.raises(UserError, match="already exists"):
+        convert_checkpoint(tmp_path / "plain.ckpt", tmp_path / "model", config=str(base_dir))
