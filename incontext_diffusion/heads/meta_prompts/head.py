@@ -45,7 +45,6 @@ class MetaPromptsOptions(BaseModel):
     deconv_filters: int = Field(32, ge=1)
     decoder_channels: int = Field(192, ge=1)
     silog_lambda: float = Field(0.5, ge=0, le=1)
-    eval_crop: Literal["nyu_eigen", "kitti_garg", "kitti_eigen"] | None = None
     # segmentation
     num_classes: int = Field(150, ge=2)
     channels: int = Field(512, ge=1)
@@ -188,7 +187,7 @@ class MetaPromptsHead(Head):
     # --- validation and export --------------------------------------------------------------------
     @torch.no_grad()
     def validate(self, model: torch.nn.Module, step: int):
-        """RGB, prediction and ground truth of four held-out samples."""
+        """RGB, prediction and ground truth of four samples (held-out scenes for synthetic data)."""
         dataset = self.dataset(train=self.recipe.data.source != "synthscenes")
         samples = [dataset[i] for i in range(min(4, len(dataset)))]
         device = next(model.parameters()).device
