@@ -54,10 +54,11 @@ def run_pipeline(pipe: PromptDiffusionPipeline, prompt: str, source, target, que
             raise UserError(str(err)) from None
 
 
-def model_image_size(model_dir: Path, default: int = 64) -> int:
+def recipe_setting(model_dir: Path, section: str, key: str, default):
+    """A setting of the recipe that trained the model (exported beside it), or `default`."""
     recipe = Path(model_dir) / "recipe.yaml"
     if recipe.is_file():
-        return int((yaml.safe_load(recipe.read_text()).get("data") or {}).get("size", default))
+        return (yaml.safe_load(recipe.read_text()).get(section) or {}).get(key, default)
     return default
 
 
@@ -75,10 +76,11 @@ def as_batch(images: list[np.ndarray]) -> torch.Tensor:
 
 
 def evaluate_model(model_dir: Path, tasks: list[str], data: Path | None = None, num_samples: int = 100, steps: int = 50, seed: int = 0,
-                   inception_weights: Path | None = None, guidance: float = 9.0) -> dict:
+                   inception_weights: Path | None = None, guidance: float | None = None) -> dict:
     """Scores per task (see the module docstring), as a flat dict for results.md / results.json."""
     cards = [load_task(name) for name in (tasks or DEFAULT_TASKS)]
-    size = model_image_size(model_dir)
+    size = int(recipe_setting(model_dir, "data", "size", 64))
+    guidance = guidance or float(recipe_setting(model_dir, "model", "guidance_scale", 9.0))
     inverse = [card for card in cards if card.target == "image"]
     fid_ready = inception_weights is not None
     if inverse and not fid_ready:

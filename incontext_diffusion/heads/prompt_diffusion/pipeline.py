@@ -52,7 +52,7 @@ class PromptDiffusionPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "text_encoder->controlnet->unet->vae"
-    _callback_tensor_inputs = ["latents"]
+    _callback_tensor_inputs = ["latents", "prompt_embeds"]
 
     def __init__(
         self,
@@ -180,7 +180,8 @@ class PromptDiffusionPipeline(DiffusionPipeline):
                 noise_pred = uncond + guidance_scale * (cond - uncond)
             latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
             if callback_on_step_end is not None:
-                callback_kwargs = {name: locals()[name] for name in callback_on_step_end_tensor_inputs}
+                step_tensors = {"latents": latents, "prompt_embeds": prompt_embeds}
+                callback_kwargs = {name: step_tensors[name] for name in callback_on_step_end_tensor_inputs}
                 latents = callback_on_step_end(self, i, t, callback_kwargs).get("latents", latents)
 
         # 5. decode
