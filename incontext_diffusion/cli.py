@@ -53,6 +53,7 @@ def train(
     from .recipes import load_recipe
 
     head = load_head(load_recipe(recipe, set_))
+    quiet_loading()
     out = run_training(head, resume=resume)
     console.print(f"model written to {out}")
 
@@ -93,6 +94,15 @@ INFER_HANDLERS: dict[str, Callable[[InferOptions], None]] = {}
 EVAL_HANDLERS: dict[str, Callable[[EvalOptions], dict]] = {}
 
 
+def quiet_loading() -> None:
+    """No per-component loading bars from diffusers/transformers: `icd` shows its own progress."""
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def _pipeline_class(model: Path) -> str:
     index = model / "model_index.json"
     if not index.is_file():
@@ -102,6 +112,7 @@ def _pipeline_class(model: Path) -> str:
 
 def _handler(table: dict, model: Path, verb: str) -> Callable:
     kind = _pipeline_class(model)
+    quiet_loading()
     if kind not in table:
         raise UserError(f"{model} holds a {kind}, which `icd {verb}` does not know: models it knows: {', '.join(sorted(table))}")
     return table[kind]

@@ -74,6 +74,7 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, state: d
     accelerator.save_state(str(temp), safe_serialization=True)
     # accelerate also pickles its RNG states; ours are safetensors so resuming never unpickles.
     save_file(_rng_tensors(), str(temp / f"rng_state_{accelerator.process_index}.safetensors"))
+    accelerator.wait_for_everyone()  # every rank's files are in place before the rename
     if accelerator.is_main_process:
         if ema is not None:
             save_file({f"shadow.{i}": p.detach().contiguous().cpu() for i, p in enumerate(ema.shadow_params)}, str(temp / "ema.safetensors"))

@@ -25,6 +25,8 @@ from ..errors import UserError
 from .checkpoints import atomic_export, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint, write_model_card
 from .head import Head
 
+MAX_SKIPPED_IN_A_ROW = 10  # with train.on_nan=skip: a run that only produces NaN stops anyway
+
 
 def make_optimizer(params: list[dict], recipe_train, device: torch.device) -> torch.optim.Optimizer:
     """AdamW, fused where the device supports it (CUDA)."""
@@ -118,7 +120,7 @@ def train(head: Head, resume: str | None = None) -> Path:
     metrics_file = run_dir / "metrics.jsonl"
     batches_per_epoch = len(dataloader)
     epoch, skip = divmod(batches_seen, batches_per_epoch)
-    window_is_bad, skipped_batches = False, 0
+    window_is_bad, skipped_batches, skipped_in_a_row = False, 0, 0
     window_start, window_steps = time.perf_counter(), 0
     loss_sum = torch.zeros((), device=accelerator.device)
     loss_count = 0
@@ -139,7 +141,7 @@ def train(head: Head, resume: str | None = None) -> Path:
                         loss_count += 1
                     elif cfg.on_nan == "stop":
                         raise UserError(
-                            f"the loss became {loss.item()} at step {step}: last good checkpoint: {last_good or 'none yet'} (intact); "
+                            f"the loss became {loss.item()} at step {step + 1}: last good checkpoint: {last_good or 'none yet'} (intact); "
                             "lower train.learning_rate, check the data, or set train.on_nan=skip"
                         )
                     else:
@@ -153,9 +155,12 @@ def train(head: Head, resume: str | None = None) -> Path:
                 if not accelerator.sync_gradients:
                     continue
                 if window_is_bad:
-                    window_is_bad, skipped_batches = False, skipped_batches + 1
-                    accelerator.print(f"skipped a non-finite batch before step {step + 1} ({skipped_batches} so far)")
+                    window_is_bad, skipped_batches, skipped_in_a_row = False, skipped_batches + 1, skipped_in_a_row + 1
+                    accelerator.print(f"skipped a non-finite batch at step {step + 1} ({skipped_batches} so far)")
+                    if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                        raise UserError(f"{skipped_in_a_row} non-finite losses in a row at step {step + 1}: last good checkpoint: {last_good or 'none yet'}; lower train.learning_rate or check the data")
                     continue
+                skipped_in_a_row = 0
                 step += 1
                 window_steps += 1
                 if ema is not None:
