@@ -102,7 +102,9 @@ def train(head: Head, resume: str | None = None) -> Path:
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     for module in head.frozen():
         module.requires_grad_(False)
-        module.to(accelerator.device, dtype=weight_dtype)
+        module.to(accelerator.device)
+        if weight_dtype != torch.float32:
+            module.to(dtype=weight_dtype)
     ema = EMAModel(accelerator.unwrap_model(model).parameters(), decay=cfg.ema_decay) if cfg.ema else None
     if ema is not None:
         ema.to(accelerator.device)
