@@ -212,3 +212,25 @@ def test_two_process_cpu_launch(tmp_path):
     assert {p.name for p in (out / "checkpoints" / "checkpoint-4").glob("rng_state_*.safetensors")} == {
         "rng_state_0.safetensors", "rng_state_1.safetensors"}
     assert weights(out / "model")
+
+
+def test_ema_is_exported_checkpointed_and_resumed(tmp_path):
+    straight = train(LinearHead(linear_recipe(tmp_path / "a", ema=True, ema_decay=0.5)))
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    train(LinearHead(linear_recipe(tmp_path / "b", ema=True, ema_decay=0.5, max_steps=4)))
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    resumed = train(LinearHead(linear_recipe(tmp_path / "b", ema=True, ema_decay=0.5)), resume="latest")
+
+    exported = load_file(str(straight / "model.safetensors"))
+    last = checkpoints.list_checkpoints(tmp_path / "a" / "run")[-1]
+    raw = load_file(str(last / "model.safetensors"))
+    shadow = load_file(str(last / "ema.safetensors"))
+    # The export holds the EMA weights, not the raw ones.
+    assert not torch.equal(exported["linear.weight"], raw["linear.weight"])
+    assert torch.equal(exported["linear.weight"], shadow["shadow.0"])
+    # A run resumed at step 4 restores the EMA too, and ends where the straight run ends.
+    again = load_file(str(resumed / "model.safetensors"))
+    for key in exported:
+        assert torch.equal(exported[key], again[key]), key
