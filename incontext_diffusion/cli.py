@@ -55,7 +55,8 @@ def train(
     head = load_head(load_recipe(recipe, set_))
     quiet_loading()
     out = run_training(head, resume=resume)
-    console.print(f"model written to {out}")
+    if os.environ.get("RANK", "0") == "0":  # under `accelerate launch`, rank 0 speaks for the run
+        console.print(f"model written to {out}")
 
 
 # ----------------------------------------------------------------------------------- infer, eval
