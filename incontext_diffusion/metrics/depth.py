@@ -20,6 +20,7 @@ import torch
 from torchmetrics import Metric
 
 from incontext_diffusion.errors import UserError
+from incontext_diffusion.metrics.shapes import check_same_shape
 
 METRIC_NAMES = ("abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "d1", "d2", "d3", "silog")
 CROPS = ("nyu_eigen", "kitti_garg", "kitti_eigen")
@@ -114,11 +115,7 @@ def _per_image_errors(
     """(B, len(METRIC_NAMES)) metrics, one row per image."""
     pred = _as_batch(pred, "predicted")
     gt = _as_batch(gt, "ground-truth").to(pred.device)
-    if pred.shape != gt.shape:
-        raise UserError(
-            f"predicted depth {tuple(pred.shape)} and ground truth {tuple(gt.shape)} differ in shape: "
-            "resize the prediction to the ground-truth resolution before evaluating"
-        )
+    check_same_shape(pred, gt, "predicted depth", "resize the prediction to the ground-truth resolution before evaluating")
     # As in MetaPrompts: inf -> max_depth, NaN -> min_depth. The clamp (ZoeDepth/Marigold) only
     # changes predictions outside [min_depth, max_depth] and keeps log(pred) finite.
     pred = torch.nan_to_num(pred.double(), nan=min_depth, posinf=max_depth, neginf=min_depth)

@@ -21,6 +21,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from incontext_diffusion.errors import UserError
+from incontext_diffusion.metrics.shapes import check_same_shape
 
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 
@@ -39,11 +40,7 @@ def _as_pairs(generated: torch.Tensor | np.ndarray, reference: torch.Tensor | np
     """Two uint8 batches of equal shape -> float64 in [0, 1]."""
     generated = _as_images(generated, "generated")
     reference = _as_images(reference, "reference").to(generated.device)
-    if generated.shape != reference.shape:
-        raise UserError(
-            f"generated images {tuple(generated.shape)} and references {tuple(reference.shape)} differ in shape: "
-            "resize the generated images to the reference resolution"
-        )
+    check_same_shape(generated, reference, "generated images", "resize the generated images to the reference resolution")
     return generated.double() / 255, reference.double() / 255
 
 

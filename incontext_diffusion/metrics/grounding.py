@@ -12,6 +12,7 @@ import torch
 from torchmetrics import Metric
 
 from incontext_diffusion.errors import UserError
+from incontext_diffusion.metrics.shapes import check_same_shape
 
 
 def _as_boxes(boxes: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
@@ -70,11 +71,7 @@ def mask_iou(pred: torch.Tensor | np.ndarray, gt: torch.Tensor | np.ndarray, thr
     """
     pred = torch.as_tensor(pred)
     gt = torch.as_tensor(gt, device=pred.device)
-    if pred.shape != gt.shape:
-        raise UserError(
-            f"predicted mask {tuple(pred.shape)} and ground truth {tuple(gt.shape)} differ in shape: "
-            "resize the prediction to the ground-truth resolution"
-        )
+    check_same_shape(pred, gt, "predicted mask", "resize the prediction to the ground-truth resolution")
     pred, gt = pred.float() > threshold, gt.float() > threshold
     if pred.ndim == 2:
         pred, gt = pred[None], gt[None]

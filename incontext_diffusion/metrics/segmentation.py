@@ -17,6 +17,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
 from incontext_diffusion.errors import UserError
+from incontext_diffusion.metrics.shapes import check_same_shape
 
 
 class SegmentationMetrics:
@@ -55,11 +56,7 @@ class SegmentationMetrics:
         """Add a batch of predicted and ground-truth label maps, both (H, W) or (B, H, W) integers."""
         pred = torch.as_tensor(pred)
         gt = torch.as_tensor(gt, device=pred.device)
-        if pred.shape != gt.shape:
-            raise UserError(
-                f"predicted labels {tuple(pred.shape)} and ground truth {tuple(gt.shape)} differ in shape: "
-                "pass class labels (argmax over the class dimension) at the ground-truth resolution"
-            )
+        check_same_shape(pred, gt, "predicted labels", "pass class labels (argmax over the class dimension) at the ground-truth resolution")
         if pred.is_floating_point() or gt.is_floating_point():
             raise UserError("segmentation labels must be integer tensors: pass argmax labels, not logits or images")
         valid = gt != self.ignore_index
