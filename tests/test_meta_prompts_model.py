@@ -1,6 +1,5 @@
 """MetaPrompts model: feature taps, loops, gradients, parameter groups, test-time augmentation."""
 
-from pathlib import Path
 
 import pytest
 import torch

@@ -1,6 +1,5 @@
 """Prompt Diffusion: ControlNet parity with diffusers, pipeline parity with a hand-written loop, input errors."""
 
-import copy
 
 import numpy as np
 import pytest

@@ -42,9 +42,14 @@ class Components:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def encode_text(self, texts: list[str]) -> torch.Tensor:
-        """Last hidden state of the text encoder, padded to the tokenizer's max length (SD convention)."""
-        ids = self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
-        return self.text_encoder(ids.to(self.text_encoder.device))[0]
+        """Last hidden state of the text encoder for `token_ids(texts)` (SD convention)."""
+        return self.text_encoder(token_ids(self.tokenizer, texts).to(self.text_encoder.device))[0]
+
+
+
+def token_ids(tokenizer: CLIPTokenizer, texts: list[str]) -> torch.Tensor:
+    """Token ids padded (and truncated) to the tokenizer's max length: the SD convention."""
+    return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
 
 
 def hub_reachable(timeout: float = 1.5) -> bool:

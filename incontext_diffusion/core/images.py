@@ -185,6 +185,12 @@ def load_depth_png(path: PathLike, scale: float, *, max_pixels: int | None = Non
     return values.astype(np.float32) / np.float32(scale)
 
 
+def depth_to_uint16(depth_m: np.ndarray, scale: float = 1000.0) -> np.ndarray:
+    """round(depth * scale) as uint16, clipped to 0..65535; non-finite or negative depths become 0 (invalid)."""
+    values = np.nan_to_num(np.round(np.asarray(depth_m, dtype=np.float64) * scale), nan=0.0, posinf=0.0, neginf=0.0)
+    return np.clip(values, 0, 65535).astype(np.uint16)
+
+
 def save_depth_png(path: PathLike, depth_m: np.ndarray, scale: float = 1000.0) -> None:
     """Save HxW depth in metres as a 16-bit PNG of round(depth * scale), clipped to 0..65535.
 
@@ -195,8 +201,7 @@ def save_depth_png(path: PathLike, depth_m: np.ndarray, scale: float = 1000.0) -
     depth = np.asarray(depth_m, dtype=np.float64)
     if depth.ndim != 2:
         raise ValueError(f"save_depth_png expects an HxW array, got shape {depth.shape}")
-    values = np.nan_to_num(np.round(depth * scale), nan=0.0, posinf=0.0, neginf=0.0)
-    save_image(Image.fromarray(np.clip(values, 0, 65535).astype(np.uint16)), path)
+    save_image(Image.fromarray(depth_to_uint16(depth, scale)), path)
 
 
 def save_image(image: Image.Image, path: PathLike) -> None:

@@ -36,6 +36,7 @@ import torch
 from PIL import Image
 from rich.progress import track
 
+from incontext_diffusion.core.images import depth_to_uint16
 from incontext_diffusion.errors import UserError
 
 CLASSES = ("floor", "wall", "sphere", "cube", "cylinder")
@@ -513,7 +514,7 @@ def scene_grid(seeds: Iterable[int], size: int, path: str | Path) -> Path:
 
 def _save_scene(scene: Scene, folder: Path, stem: str) -> dict:
     """Write one scene's maps as PNGs and return its metadata.jsonl record."""
-    depth_mm = np.clip(np.round(scene.depth * 1000.0), 0, 65535).astype(np.uint16)
+    depth_mm = depth_to_uint16(scene.depth, 1000.0)
     normals = np.round((scene.normals + 1.0) / 2.0 * 255.0).astype(np.uint8)
     maps = {"file_name": scene.rgb, "depth_file_name": depth_mm, "semantic_file_name": scene.semantic,
             "instances_file_name": scene.instances, "edges_file_name": scene.edges,

@@ -18,7 +18,7 @@ from rich.progress import Progress, track
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..core import tiny
-from ..core.components import Components, load_components, text_to_image_pipeline
+from ..core.components import Components, load_components, text_to_image_pipeline, token_ids
 from ..core.head import Head
 from ..core.images import make_grid, save_image, to_pil
 from ..data.synthscenes import COLOURS, FLOOR_RGB, SHAPES, SIZES, WALL_RGB, SynthScenesDataset, caption_vocabulary
@@ -102,8 +102,7 @@ class TinyLDMHead(Head):
         return {"images": torch.stack([image for image, _ in samples]), "input_ids": self.tokenize([caption for _, caption in samples])}
 
     def tokenize(self, captions: list[str]) -> torch.Tensor:
-        tokenizer = self.components.tokenizer
-        return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+        return token_ids(self.components.tokenizer, captions)
 
     def loss(self, model: torch.nn.Module, batch: dict, step: int) -> torch.Tensor:
         return model(batch["images"], batch["input_ids"], step)

@@ -161,7 +161,6 @@ def eval_mask_generation(options) -> dict:
 
 def eval_mask_vae(options) -> dict:
     """Reconstruction IoU of the Mask-VAE (posterior mean, threshold 0.5) on held-out masks."""
-    import torch
     from diffusers import AutoencoderKL
 
     from ...metrics.grounding import mask_iou

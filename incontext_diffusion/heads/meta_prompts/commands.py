@@ -100,7 +100,6 @@ def _dataset_for(options, task: str):
 
 def evaluate_model(options) -> dict:
     """Every depth metric (per image, then averaged) or mIoU/aAcc over the evaluation set."""
-    import torch
     from rich.progress import track
 
     from ...metrics import DepthMetrics, SegmentationMetrics

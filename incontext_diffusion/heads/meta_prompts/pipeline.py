@@ -21,7 +21,7 @@ from diffusers.pipelines.marigold.marigold_image_processing import MarigoldImage
 from diffusers.utils import BaseOutput
 from PIL import Image
 
-from ...core.images import load_rgb, to_tensor
+from ...core.images import depth_to_uint16, load_rgb, to_tensor
 from ...errors import UserError
 from .decoders import MetaPromptsDepthHead, MetaPromptsSegmentationHead
 from .model import build_model
@@ -167,8 +167,7 @@ class MetaPromptsDepthPipeline(_MetaPromptsPipeline):
         """16-bit PNG images of round(depth * scale): millimetres by default, 0 = invalid."""
         depth = depth.cpu().numpy() if isinstance(depth, torch.Tensor) else np.asarray(depth)
         depth = depth.reshape(-1, *depth.shape[-3:-1]) if depth.shape[-1] == 1 else depth.reshape(-1, *depth.shape[-2:])
-        values = np.clip(np.round(np.nan_to_num(depth * scale, nan=0, posinf=0, neginf=0)), 0, 65535).astype(np.uint16)
-        return [Image.fromarray(v) for v in values]
+        return [Image.fromarray(v) for v in depth_to_uint16(depth, scale)]
 
 
 # Class colours: the synthetic-scene classes first, then a fixed pseudo-random palette.

@@ -18,7 +18,7 @@ from diffusers import DDIMScheduler
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from rich.progress import track
 
-from ...core.components import Components, load_components
+from ...core.components import Components, load_components, token_ids
 from ...core.head import Head
 from ...core.images import make_grid, to_pil
 from ...errors import UserError
@@ -150,8 +150,7 @@ class PromptDiffusionHead(Head):
         return self.dataset
 
     def tokenize(self, captions: list[str]) -> torch.Tensor:
-        tokenizer = self.components.tokenizer
-        return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+        return token_ids(self.components.tokenizer, captions)
 
     def collate(self, samples: list[dict]) -> dict:
         batch = {key: torch.stack([s[key] for s in samples]) for key in IMAGE_KEYS}

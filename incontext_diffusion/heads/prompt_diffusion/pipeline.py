@@ -23,6 +23,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from ...core.components import token_ids
 from ...core.images import load_rgb, to_pil
 from .controlnet import PromptDiffusionControlNetModel
 
@@ -74,7 +75,7 @@ class PromptDiffusionPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------------------------ inputs
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
         """Last hidden state of the text encoder, padded to the tokenizer's max length (SD convention)."""
-        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+        ids = token_ids(self.tokenizer, prompts)
         return self.text_encoder(ids.to(self.text_encoder.device))[0]
 
     def prepare_conditioning(self, image: ImageInput, image_pair: list[ImageInput]) -> tuple[torch.Tensor, torch.Tensor]:
