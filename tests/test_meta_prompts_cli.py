@@ -100,8 +100,11 @@ def test_train_export_infer_eval(tmp_path, backbone, task):
     result = CliRunner().invoke(app, ["eval", "--model", str(out_dir), "--num-samples", "2", "--out", str(tmp_path / "eval")])
     assert result.exit_code == 0, result.output
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
-    expected = ["abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "d1", "d2", "d3", "silog"] if task == "depth" else ["mIoU", "aAcc"]
+    expected = ["abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "d1", "d2", "d3", "silog"] if task == "depth" else ["mIoU", "aAcc", "IoU_floor", "IoU_cylinder"]
     assert all(key in results for key in expected) and results["num_samples"] == 2
+    if task == "segmentation":  # the mean of the per-class IoUs of the classes present is the mIoU
+        per_class = [results[f"IoU_{name}"] for name in ("floor", "wall", "sphere", "cube", "cylinder")]
+        assert np.nanmean(per_class) == pytest.approx(results["mIoU"], abs=1e-6)
 
 
 def official_depth_state(pipe: MetaPromptsDepthPipeline) -> dict:

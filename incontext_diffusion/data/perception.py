@@ -159,6 +159,7 @@ class SynthSegmentation(SynthDepth):
     """Synthetic scenes with semantic labels (floor, wall, sphere, cube, cylinder)."""
 
     num_classes = len(CLASSES)
+    class_names = CLASSES
 
     def __getitem__(self, index: int) -> dict:
         scene = self.scene(index)

@@ -124,6 +124,9 @@ def evaluate_model(options) -> dict:
         else:
             metrics.update(prediction, sample["labels"][None])
     results = metrics.compute()
+    if task == "segmentation":  # per-class IoU shows which classes are confused (NaN: class absent)
+        names = getattr(dataset, "class_names", None) or [str(c) for c in range(metrics.num_classes)]
+        results.update({f"IoU_{name}": iou for name, iou in zip(names, metrics.per_class_iou())})
     return {**results, "dataset": source, "num_samples": count}
 
 
