@@ -129,13 +129,69 @@ def test_hybrid_loss_is_zero_for_a_perfect_model_and_trains_the_variance():
     perfect = torch.cat([noise, -torch.ones_like(noise)], dim=1)
     assert diffusion_loss(scheduler, perfect, x0, xt, noise, t, "hybrid").item() == pytest.approx(0.0, abs=1e-5)
     wrong_variance = torch.cat([noise, torch.ones_like(noise)], dim=1).requires_grad_(True)
-    vb = variational_bound(scheduler, wrong_variance, x0, xt, t)
-    assert (vb > 0).all()
-    vb.sum().backward()
-    assert wrong_variance.grad[:, :4].abs().sum() == 0  # the VB term does not train the mean
+    vb = diffusion_loss(scheduler, wrong_variance, x0, xt, noise, t, "hybrid")
+    assert vb.item() > 0
+    vb.backward()
+    assert wrong_variance.grad[:, :4].abs().sum() == 0  # the VB term does not train the mean (and the MSE is 0 here)
     assert wrong_variance.grad[:, 4:].abs().sum() > 0
-    eps_only = diffusion_loss(scheduler, wrong_variance, x0, xt, noise, t, "eps")
-    assert eps_only.item() == pytest.approx(0.0, abs=1e-6)
+    assert (variational_bound(scheduler, noise, torch.ones_like(noise), x0, xt, t) > 0).all()
+    mse_only = diffusion_loss(scheduler, wrong_variance, x0, xt, noise, t, "mse")
+    assert mse_only.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_v_prediction_loss_targets_velocity_and_its_vb_term_uses_the_implied_epsilon():
+    scheduler = noise_scheduler(100, "cosine", "v_prediction")
+    x0, noise = torch.randn(3, 4, 4, 4), torch.randn(3, 4, 4, 4)
+    t = torch.tensor([1, 40, 99])
+    xt = scheduler.add_noise(x0, noise, t)
+    a = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    velocity = a.sqrt() * noise - (1 - a).sqrt() * x0  # by hand
+    perfect = torch.cat([velocity, -torch.ones_like(noise)], dim=1)
+    assert diffusion_loss(scheduler, perfect, x0, xt, noise, t, "hybrid").item() == pytest.approx(0.0, abs=1e-5)
+    as_if_epsilon = torch.cat([noise, -torch.ones_like(noise)], dim=1)  # the epsilon target is wrong now
+    assert diffusion_loss(scheduler, as_if_epsilon, x0, xt, noise, t, "mse").item() > 0.1
+    assert ddim_scheduler(scheduler).config.prediction_type == "v_prediction"
+    with pytest.raises(UserError, match="prediction type"):
+        noise_scheduler(100, "cosine", "sample")
+
+
+def test_ddim_with_v_prediction_matches_hand_written_ddim():
+    torch.manual_seed(0)
+    dit = micro_dit(learn_sigma=False).eval()
+    for p in dit.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    train = noise_scheduler(100, "cosine", "v_prediction")
+    img, txt = torch.randn(2, 16), torch.randn(2, 16)
+    trajectory = ddim_trajectory(dit, ddim_scheduler(train), img, txt, 5, torch.Generator().manual_seed(3))
+    alphas = train.alphas_cumprod.double()
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3)).double()
+    for i, t in enumerate(range(80, -1, -20)):
+        with torch.no_grad():
+            v = dit(x.float(), torch.tensor(t), img, txt).double()
+        a_t = alphas[t]
+        a_prev = alphas[t - 20] if t >= 20 else torch.tensor(1.0, dtype=torch.float64)
+        x0, eps = a_t.sqrt() * x - (1 - a_t).sqrt() * v, a_t.sqrt() * v + (1 - a_t).sqrt() * x
+        x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+        assert torch.allclose(trajectory[i].double(), x, atol=1e-4), f"step {i}"
+
+
+def test_dit_spatial_image_condition():
+    torch.manual_seed(0)
+    dit = micro_dit(image_channels=3)
+    for p in dit.parameters():  # leave the zero init so that the output depends on the inputs
+        torch.nn.init.normal_(p, std=0.1)
+    x, t, img, txt = torch.randn(2, 4, 8, 8), torch.tensor([5, 50]), torch.randn(2, 16), torch.randn(2, 16)
+    image_latents = torch.randn(2, 3, 8, 8)
+    out = dit(x, t, img, txt, image_latents)
+    assert out.shape == (2, 8, 8, 8)  # prediction + variance channels of the 4 mask channels only
+    moved = image_latents.clone()
+    moved[:, :, :4, :4] = torch.randn(2, 3, 4, 4)  # change the top-left image quarter only
+    delta = (dit(x, t, img, txt, moved) - out).abs()
+    assert delta[..., :4, :4].sum() > 0 and not torch.allclose(dit(x, t, img, txt, moved), out)
+    with pytest.raises(ValueError, match="image_latents"):
+        dit(x, t, img, txt)
+    with pytest.raises(ValueError, match="image_latents"):
+        micro_dit()(x, t, img, txt, image_latents)
 
 
 def test_adaptor_and_static_prompts():

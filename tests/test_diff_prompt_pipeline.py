@@ -12,7 +12,9 @@ from incontext_diffusion.core.trainer import train
 from incontext_diffusion.data.synthscenes import render_scene
 from incontext_diffusion.errors import UserError
 from incontext_diffusion.heads.diff_prompt import commands
-from incontext_diffusion.heads.diff_prompt.pipeline import GroundingPipeline
+from incontext_diffusion.core.tiny import micro_components
+from incontext_diffusion.heads.diff_prompt.pipeline import GroundingPipeline, MaskGenerationPipeline
+from incontext_diffusion.heads.diff_prompt.tiny import tiny_clip_with_backbone_text
 from incontext_diffusion.recipes import load_recipe
 
 torch.set_num_threads(1)  # the 2 shared cores are busy: one thread is much faster here
@@ -23,22 +25,36 @@ def run_recipe(name: str, out, *overrides: str):
     return train(load_head(load_recipe(name, [*MICRO, f"output_dir={out}", *overrides])))
 
 
+def micro_backbone(folder):
+    """A random micro stand-in for assets/tiny-ldm: text_encoder/, tokenizer/ and vae/ (x4)."""
+    parts = micro_components(folder / "tokenizer_src")
+    parts.text_encoder.save_pretrained(str(folder / "text_encoder"))
+    parts.tokenizer.save_pretrained(str(folder / "tokenizer"))
+    parts.vae.save_pretrained(str(folder / "vae"))
+    return folder, parts
+
+
+def micro_dit_overrides(backbone) -> list[str]:
+    return ["model.hidden_size=16", "model.clip_width=16", "model.depth=1", "model.num_heads=2", "model.ddim_steps=4",
+            f"model.clip_text_from={backbone}", f"model.image_latents_from={backbone}"]
+
+
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
     root = tmp_path_factory.mktemp("chain")
+    backbone, _ = micro_backbone(root / "backbone")
     vae = run_recipe("diff_prompt_mask_vae-tiny", root / "vae", "model.block_out_channels=[4, 8]")
-    dit = run_recipe("diff_prompt_dit-tiny", root / "dit", f"model.mask_vae={vae}", "model.hidden_size=16", "model.clip_width=16", "model.depth=1",
-                     "model.num_heads=2", "model.patch_size=4", "model.ddim_steps=4")
+    dit = run_recipe("diff_prompt_dit-tiny", root / "dit", f"model.mask_vae={vae}", "model.patch_size=4", *micro_dit_overrides(backbone))
     host = run_recipe("grounding_host-tiny", root / "host", "model.embed_dim=8", "model.num_heads=[2, 2]", "model.bert_width=8", "model.bert_layers=2", "model.head_dim=8")
     stage3 = run_recipe("diff_prompt_grounding-tiny", root / "dp", f"model.host={host}", f"model.prompt_generator={dit}", "model.depth=2",
                         "model.base_channels=2", "model.ddim_steps=4")
     vpt = run_recipe("diff_prompt_grounding-tiny", root / "vpt", f"model.host={host}", "model.method=vpt_deep", "model.depth=2")
-    return {"root": root, "vae": vae, "dit": dit, "host": host, "dp": stage3, "vpt": vpt}
+    return {"root": root, "backbone": backbone, "vae": vae, "dit": dit, "host": host, "dp": stage3, "vpt": vpt}
 
 
 def test_exports_chain(chain):
     assert json.loads((chain["vae"] / "model_index.json").read_text())["_class_name"] == "DiffPromptMaskVAE"
-    assert {p.name for p in chain["dit"].iterdir()} >= {"mask_vae", "dit", "clip", "scheduler", "model_index.json"}
+    assert {p.name for p in chain["dit"].iterdir()} >= {"mask_vae", "dit", "clip", "scheduler", "image_vae", "model_index.json"}
     assert {p.name for p in chain["dp"].iterdir()} >= {"host", "prompts.safetensors", "dit", "mask_vae", "clip"}
     assert not (chain["vpt"] / "dit").exists()  # static prompts need no generator
     pipe = GroundingPipeline.from_pretrained(chain["dp"])
@@ -73,12 +89,44 @@ def test_infer_and_eval(chain, tmp_path):
 
 
 def test_validation_keeps_the_trainable_parts_trainable(chain, tmp_path):
-    """A validation picture must not freeze what the optimiser updates (DiT, tiny CLIP)."""
-    recipe = load_recipe("diff_prompt_dit-tiny", [*MICRO, f"model.mask_vae={chain['vae']}", f"output_dir={tmp_path}", "model.hidden_size=16",
-                                                 "model.clip_width=16", "model.depth=1", "model.num_heads=2", "model.ddim_steps=4"])
+    """A validation picture must not freeze what the optimiser updates (DiT, the tiny CLIP's vision tower and projections);
+    the pre-trained text tower and the image VAE stay frozen."""
+    recipe = load_recipe("diff_prompt_dit-tiny", [*MICRO, f"model.mask_vae={chain['vae']}", f"output_dir={tmp_path}", *micro_dit_overrides(chain["backbone"])])
     head = load_head(recipe)
     head.build()
     model = head.trainable()
     assert head.validate(model, 1) is not None
-    assert all(p.requires_grad for p in model.parameters())
+    frozen = ("conditioner.clip.text_model.", "conditioner.image_vae.")
+    for name, p in model.named_parameters():
+        assert p.requires_grad == (not name.startswith(frozen)), name
     assert not any(p.requires_grad for p in head.vae.parameters())
+
+
+def test_condition_reaches_the_dit(chain):
+    """The probe behind the stage-2 fix: the generated latents change when only the text, or only the image, changes."""
+    pipe = MaskGenerationPipeline.from_pretrained(chain["dit"])
+    for p in pipe.dit.parameters():  # two training steps leave adaLN almost zero: give every weight a value
+        torch.nn.init.normal_(p, std=0.1)
+    images = torch.rand(1, 3, 32, 32) * 2 - 1
+    def sample(images, text):
+        return pipe(images, [text], 4, torch.Generator().manual_seed(0)).trajectory[-1]
+    base = sample(images, "the red cube")
+    assert not torch.allclose(sample(images, "the blue sphere"), base)
+    assert not torch.allclose(sample(-images, "the red cube"), base)
+    assert pipe.conditioner.image_latents(images).shape[-2:] == base.shape[-2:]  # the image latent is on the mask latent's grid
+
+
+def test_backbone_text_tower_is_copied(tmp_path):
+    backbone, parts = micro_backbone(tmp_path / "backbone")
+    clip, tokenizer = tiny_clip_with_backbone_text(backbone, projection_dim=16, image_size=32, width=16)
+    ids = tokenizer(["the small red cube"], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(clip.text_model(**ids).last_hidden_state, parts.text_encoder(**ids).last_hidden_state)
+    with pytest.raises(UserError, match="text_encoder"):
+        tiny_clip_with_backbone_text(tmp_path, 16, 32)
+
+
+
+def test_backbone_text_tower_needs_the_tiny_clip(chain, tmp_path):
+    with pytest.raises(UserError, match="clip: tiny"):
+        load_head(load_recipe("diff_prompt_dit-tiny", [*MICRO, f"model.mask_vae={chain['vae']}", f"output_dir={tmp_path}", "model.clip=some/clip"])).build()

@@ -5,10 +5,15 @@ builds the DDPMScheduler (T = 100, cosine by default; "linear" is IDDPM's rescal
 beta 0.001 -> 0.2 at T = 100) and `ddim_scheduler` the matching DDIMScheduler, which with 25 steps
 visits timesteps 96, 92, ..., 0 like IDDPM's "ddim25".
 
-Loss: "hybrid" = epsilon MSE + the variational bound term of the learned variance (IDDPM's
-`_vb_terms_bpd`, with the mean frozen so that the VB term only trains the variance), or "eps" =
-epsilon MSE alone (the variance channels then get no signal and sampling, which is DDIM with
-eta = 0, never uses them).
+The DiT predicts epsilon (the paper) or v = sqrt(a) * eps - sqrt(1 - a) * x0 ("v_prediction").
+With epsilon, the error of the implied x0 is weighted by the signal-to-noise ratio, which vanishes
+at the noisiest timesteps - exactly where only the condition can tell where the mask is - so a
+short CPU run learns to denoise but not to use the condition; v weights those steps fully.
+
+Loss: "hybrid" = MSE of the prediction + the variational bound term of the learned variance
+(IDDPM's `_vb_terms_bpd`, with the mean frozen so that the VB term only trains the variance), or
+"mse" = the prediction's MSE alone (the variance channels then get no signal and sampling, which
+is DDIM with eta = 0, never uses them).
 """
 
 from __future__ import annotations
@@ -21,15 +26,15 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from ...errors import UserError
 
 
-def noise_scheduler(num_train_timesteps: int = 100, schedule: str = "cosine") -> DDPMScheduler:
+def noise_scheduler(num_train_timesteps: int = 100, schedule: str = "cosine", prediction_type: str = "epsilon") -> DDPMScheduler:
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise UserError(f"unknown prediction type {prediction_type!r}: choose epsilon or v_prediction")
+    common = dict(num_train_timesteps=num_train_timesteps, variance_type="learned_range", clip_sample=False, prediction_type=prediction_type)
     if schedule == "cosine":
-        return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule="squaredcos_cap_v2", variance_type="learned_range", clip_sample=False)
+        return DDPMScheduler(beta_schedule="squaredcos_cap_v2", **common)
     if schedule == "linear":  # IDDPM: the 1000-step linear schedule rescaled to T steps
         scale = 1000 / num_train_timesteps
-        return DDPMScheduler(
-            num_train_timesteps=num_train_timesteps, beta_schedule="linear", beta_start=scale * 1e-4, beta_end=scale * 0.02,
-            variance_type="learned_range", clip_sample=False,
-        )
+        return DDPMScheduler(beta_schedule="linear", beta_start=scale * 1e-4, beta_end=scale * 0.02, **common)
     raise UserError(f"unknown noise schedule {schedule!r}: choose cosine or linear")
 
 
@@ -38,7 +43,7 @@ def ddim_scheduler(train_scheduler: DDPMScheduler) -> DDIMScheduler:
     config = train_scheduler.config
     return DDIMScheduler(
         num_train_timesteps=config.num_train_timesteps, beta_schedule=config.beta_schedule, beta_start=config.beta_start,
-        beta_end=config.beta_end, clip_sample=False, set_alpha_to_one=True, timestep_spacing="leading",
+        beta_end=config.beta_end, clip_sample=False, set_alpha_to_one=True, timestep_spacing="leading", prediction_type=config.prediction_type,
     )
 
 
@@ -62,10 +67,8 @@ def _discretized_gaussian_log_likelihood(x, means, log_scales):
     return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
 
 
-def variational_bound(scheduler: DDPMScheduler, model_output: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Per-sample VB term in bits per dim for a learned-range variance; the predicted mean is detached."""
-    channels = x0.shape[1]
-    eps, variance_weight = model_output[:, :channels].detach(), model_output[:, channels:]
+def variational_bound(scheduler: DDPMScheduler, eps: torch.Tensor, variance_weight: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Per-sample VB term in bits per dim for a learned-range variance, given the (detached) predicted epsilon."""
     betas = scheduler.betas.to(x0.device, torch.float64)
     alphas_cumprod = scheduler.alphas_cumprod.to(x0.device, torch.float64)
     alphas_cumprod_prev = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
@@ -88,16 +91,25 @@ def variational_bound(scheduler: DDPMScheduler, model_output: torch.Tensor, x0: 
 
 
 def diffusion_loss(scheduler: DDPMScheduler, model_output: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, loss_type: str = "hybrid") -> torch.Tensor:
-    """Mean over the batch of epsilon MSE (+ the VB term when `loss_type` is hybrid and the model learns sigma)."""
+    """Mean over the batch of the prediction's MSE (epsilon or v, as the scheduler's prediction_type),
+    plus the VB term when `loss_type` is hybrid and the model learns sigma."""
     channels = x0.shape[1]
-    mse = (model_output[:, :channels].float() - noise.float()).pow(2).mean(dim=(1, 2, 3))
-    if loss_type == "eps" or model_output.shape[1] == channels:
+    prediction = model_output[:, :channels].float()
+    velocity = scheduler.config.prediction_type == "v_prediction"
+    target = scheduler.get_velocity(x0, noise, t) if velocity else noise
+    mse = (prediction - target.float()).pow(2).mean(dim=(1, 2, 3))
+    if loss_type == "mse" or model_output.shape[1] == channels:
         return mse.mean()
-    return (mse + variational_bound(scheduler, model_output.float(), x0.float(), xt.float(), t)).mean()
+    eps = prediction.detach()
+    if velocity:  # eps = sqrt(a) * v + sqrt(1 - a) * x_t
+        alphas_cumprod = scheduler.alphas_cumprod.to(x0.device)[t].view(-1, 1, 1, 1)
+        eps = alphas_cumprod.sqrt() * eps + (1 - alphas_cumprod).sqrt() * xt.float()
+    return (mse + variational_bound(scheduler, eps, model_output[:, channels:].float(), x0.float(), xt.float(), t)).mean()
 
 
 @torch.no_grad()
-def ddim_trajectory(dit, scheduler: DDIMScheduler, image_features: torch.Tensor, text_features: torch.Tensor, num_steps: int = 25, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+def ddim_trajectory(dit, scheduler: DDIMScheduler, image_features: torch.Tensor, text_features: torch.Tensor, num_steps: int = 25,
+                    generator: torch.Generator | None = None, image_latents: torch.Tensor | None = None) -> list[torch.Tensor]:
     """DDIM (eta = 0) from z_T ~ N(0, I); returns x_{t-1} after every step (the last one is the sample)."""
     config = dit.config
     shape = (image_features.shape[0], config.in_channels, config.input_size, config.input_size)
@@ -105,8 +117,8 @@ def ddim_trajectory(dit, scheduler: DDIMScheduler, image_features: torch.Tensor,
     scheduler.set_timesteps(num_steps)
     trajectory = []
     for t in scheduler.timesteps:
-        eps = dit(latents, t.to(latents.device), image_features, text_features)[:, : config.in_channels]
-        latents = scheduler.step(eps, t, latents, eta=0.0).prev_sample
+        prediction = dit(latents, t.to(latents.device), image_features, text_features, image_latents)[:, : config.in_channels]
+        latents = scheduler.step(prediction, t, latents, eta=0.0).prev_sample
         trajectory.append(latents)
     return trajectory
 

@@ -3,11 +3,17 @@
 The DiT follows facebookresearch/DiT with one change: the class embedding is replaced by two CLIP
 features, each with the timestep embedding added, concatenated into c = [image + t ; text + t]
 (2 x hidden), which drives adaLN-Zero in every block and in the final layer. No cross-attention, no
-classifier-free guidance. With `learn_sigma` the output has 2 x in_channels: epsilon and the
-interpolation weight of the learned variance.
+classifier-free guidance. With `learn_sigma` the output has 2 x in_channels: the prediction and
+the interpolation weight of the learned variance.
+
+Optional spatial image condition (`image_channels` > 0, a toolkit addition): a pooled CLIP image
+vector cannot say WHERE the referred object is, so an image latent on the mask latent's grid (from
+a frozen image VAE) can be concatenated to the DiT input, as image-conditioned diffusion models
+(e.g. InstructPix2Pix) do; the text vector then selects, through adaLN, which of its regions to draw.
 
 `ClipConditioner` is the one CLIP preprocessing used by stages 2 and 3 (bug 4 of the official code
 fixed): images in [-1, 1] are resized to CLIP's input size and normalised with CLIP's mean and std.
+It also encodes the image latent when an image VAE is given.
 """
 
 from __future__ import annotations
@@ -103,8 +109,9 @@ class FinalLayer(nn.Module):
 class MaskDiT(ModelMixin, ConfigMixin):
     """adaLN-Zero DiT over Mask-VAE latents, conditioned on CLIP image and text features.
 
-    `forward(latents, timesteps, image_features, text_features)` -> (B, out_channels, H, W); both
-    features have `hidden_size` dims (CLIP's projection_dim must equal it: they are added to t).
+    `forward(latents, timesteps, image_features, text_features, image_latents=None)` -> (B, out_channels, H, W);
+    both features have `hidden_size` dims (CLIP's projection_dim must equal it: they are added to t);
+    `image_latents` (B, image_channels, H, W) is required exactly when `image_channels` > 0.
     """
 
     @register_to_config
@@ -118,12 +125,13 @@ class MaskDiT(ModelMixin, ConfigMixin):
         num_heads: int = 8,
         mlp_ratio: float = 4.0,
         learn_sigma: bool = True,
+        image_channels: int = 0,
     ):
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not a multiple of patch_size {patch_size}")
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
-        self.x_embedder = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+        self.x_embedder = nn.Conv2d(in_channels + image_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         grid = input_size // patch_size
         self.register_buffer("pos_embed", torch.from_numpy(sincos_pos_embed_2d(hidden_size, grid))[None], persistent=False)
@@ -155,7 +163,12 @@ class MaskDiT(ModelMixin, ConfigMixin):
         x = x.view(x.shape[0], grid, grid, p, p, c)
         return torch.einsum("bhwpqc->bchpwq", x).reshape(x.shape[0], c, grid * p, grid * p)
 
-    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, image_features: torch.Tensor, text_features: torch.Tensor,
+                image_latents: torch.Tensor | None = None) -> torch.Tensor:
+        if (image_latents is not None) != (self.config.image_channels > 0):
+            raise ValueError(f"this DiT takes image_channels={self.config.image_channels}: pass image_latents exactly when it is > 0")
+        if image_latents is not None:
+            latents = torch.cat([latents, image_latents.to(latents.dtype)], dim=1)
         x = self.x_embedder(latents).flatten(2).transpose(1, 2) + self.pos_embed
         t = self.t_embedder(timesteps.expand(latents.shape[0]) if timesteps.ndim == 0 else timesteps)
         c = torch.cat([image_features + t, text_features + t], dim=1)
@@ -165,11 +178,14 @@ class MaskDiT(ModelMixin, ConfigMixin):
 
 
 class ClipConditioner(nn.Module):
-    """CLIP image and text features for the DiT: one preprocessing for training and stage 3."""
+    """CLIP image and text features (and, with `image_vae`, the image latent) for the DiT: one
+    preprocessing for training and stage 3. `image_vae_size` is the pixel size that the image VAE
+    turns into the DiT's latent grid."""
 
-    def __init__(self, clip, tokenizer):
+    def __init__(self, clip, tokenizer, image_vae=None, image_vae_size: int | None = None):
         super().__init__()
         self.clip, self.tokenizer = clip, tokenizer
+        self.image_vae, self.image_vae_size = image_vae, image_vae_size
         self.image_size = clip.config.vision_config.image_size
         self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
@@ -184,7 +200,18 @@ class ClipConditioner(nn.Module):
         images = F.interpolate(images.float(), size=(self.image_size, self.image_size), mode="bicubic", align_corners=False, antialias=True)
         return ((images.clamp(-1, 1) + 1) / 2 - self.mean) / self.std
 
-    def forward(self, images: torch.Tensor, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    @torch.no_grad()
+    def image_latents(self, images: torch.Tensor) -> torch.Tensor | None:
+        """The frozen image VAE's latent (posterior mode, scaled) on the DiT's grid, or None without an image VAE."""
+        if self.image_vae is None:
+            return None
+        size = (self.image_vae_size, self.image_vae_size)
+        images = F.interpolate(images.float(), size=size, mode="bilinear", align_corners=False, antialias=True) if images.shape[-2:] != size else images
+        latents = self.image_vae.encode(images.clamp(-1, 1).to(self.image_vae.dtype)).latent_dist.mode()
+        return latents.float() * self.image_vae.config.scaling_factor
+
+    def forward(self, images: torch.Tensor, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(image features, text features, image latents or None)."""
         image_features = self.clip.get_image_features(pixel_values=self.pixel_values(images)).pooler_output
         text_features = self.clip.get_text_features(**self.tokenize(texts)).pooler_output
-        return image_features, text_features
+        return image_features, text_features, self.image_latents(images)

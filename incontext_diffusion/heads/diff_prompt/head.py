@@ -120,16 +120,19 @@ class MaskVAEHead(Head):
 
 class DiTOptions(Options):
     mask_vae: str  # stage-1 model folder
-    clip: str = "openai/clip-vit-base-patch32"  # hub id / folder, or "tiny" (random CLIPModel from config, offline)
+    clip: str = "openai/clip-vit-base-patch32"  # hub id / folder, or "tiny" (CLIPModel from config, offline)
     clip_width: int = 64  # tiny CLIP only
-    train_clip: bool = False  # tiny CLIP only: no pre-training exists, so it learns with the DiT (documented deviation)
+    clip_text_from: str | None = None  # tiny CLIP only: a diffusers backbone folder whose pre-trained, frozen text_encoder/ + tokenizer/ become CLIP's text tower
+    train_clip: bool = False  # tiny CLIP only: no pre-trained vision tower exists, so the untrained parts learn with the DiT (documented deviation)
+    image_latents_from: str | None = None  # a folder with vae/: its frozen latent of the image is concatenated to the DiT input (spatial condition)
+    prediction_type: str = Field("epsilon", pattern="^(epsilon|v_prediction)$")
     hidden_size: int = 512
     depth: int = 12
     num_heads: int = 8
     patch_size: int = 2
     mlp_ratio: float = 4.0
     learn_sigma: bool = True
-    loss: str = Field("hybrid", pattern="^(hybrid|eps)$")
+    loss: str = Field("hybrid", pattern="^(hybrid|mse)$")
     num_train_timesteps: int = 100
     schedule: str = Field("cosine", pattern="^(cosine|linear)$")
     ddim_steps: int = Field(25, ge=1)
@@ -143,11 +146,11 @@ class PromptGeneratorModel(torch.nn.Module):
         self.dit, self.scheduler, self.loss_type, self.conditioner = dit, scheduler, loss_type, conditioner
 
     def forward(self, latents, images, texts, features=None):
-        image_features, text_features = features if features is not None else self.conditioner(images, texts)
+        image_features, text_features, image_latents = features if features is not None else self.conditioner(images, texts)
         noise = torch.randn_like(latents)
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
         noisy = self.scheduler.add_noise(latents, noise, t)
-        output = self.dit(noisy, t, image_features, text_features)
+        output = self.dit(noisy, t, image_features, text_features, image_latents)
         return diffusion_loss(self.scheduler, output, latents, noisy, noise, t, self.loss_type)
 
 
@@ -160,25 +163,34 @@ class DiTHead(Head):
         from diffusers import AutoencoderKL
         from transformers import CLIPModel, CLIPTokenizer
 
-        from .tiny import tiny_clip
+        from .tiny import tiny_clip, tiny_clip_with_backbone_text
 
         o = self.options
         vae_dir = Path(o.mask_vae) / "mask_vae"
         if not vae_dir.is_dir():
             raise UserError(f"model.mask_vae '{o.mask_vae}' has no mask_vae/: train stage 1 first (icd train --recipe diff_prompt_mask_vae-tiny) and pass its model folder")
         self.vae = AutoencoderKL.from_pretrained(str(vae_dir)).eval().requires_grad_(False)
-        if o.clip == "tiny":
-            clip, tokenizer = tiny_clip(o.hidden_size, self.recipe.data.size, self.recipe.run_dir() / "clip_tokenizer", o.clip_width)
+        size = self.recipe.data.size
+        if o.clip == "tiny" and o.clip_text_from:
+            clip, tokenizer = tiny_clip_with_backbone_text(o.clip_text_from, o.hidden_size, size, o.clip_width)
+            clip.text_model.requires_grad_(False)  # pre-trained: frozen, as the paper's CLIP
+        elif o.clip == "tiny":
+            clip, tokenizer = tiny_clip(o.hidden_size, size, self.recipe.run_dir() / "clip_tokenizer", o.clip_width)
+        elif o.clip_text_from:
+            raise UserError("model.clip_text_from only replaces the text tower of the tiny CLIP: set model.clip: tiny, or drop clip_text_from")
         else:
             clip, tokenizer = CLIPModel.from_pretrained(o.clip), CLIPTokenizer.from_pretrained(o.clip)
         if clip.config.projection_dim != o.hidden_size:
             raise UserError(f"CLIP projection_dim {clip.config.projection_dim} differs from model.hidden_size {o.hidden_size}: they must match (features are added to t)")
-        self.conditioner = ClipConditioner(clip, tokenizer)
+        latent_size = size // 2 ** (len(self.vae.config.block_out_channels) - 1)
+        image_vae = _image_vae(o.image_latents_from) if o.image_latents_from else None
+        image_vae_size = latent_size * 2 ** (len(image_vae.config.block_out_channels) - 1) if image_vae else None
+        self.conditioner = ClipConditioner(clip, tokenizer, image_vae, image_vae_size)
         if not o.train_clip:
             self.conditioner.eval().requires_grad_(False)
-        downsample = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        dit = MaskDiT(self.recipe.data.size // downsample, o.patch_size, self.vae.config.latent_channels, o.hidden_size, o.depth, o.num_heads, o.mlp_ratio, o.learn_sigma)
-        self.scheduler = noise_scheduler(o.num_train_timesteps, o.schedule)
+        image_channels = image_vae.config.latent_channels if image_vae else 0
+        dit = MaskDiT(latent_size, o.patch_size, self.vae.config.latent_channels, o.hidden_size, o.depth, o.num_heads, o.mlp_ratio, o.learn_sigma, image_channels)
+        self.scheduler = noise_scheduler(o.num_train_timesteps, o.schedule, o.prediction_type)
         self.model = PromptGeneratorModel(dit, self.scheduler, o.loss, self.conditioner if o.train_clip else None)
         self.samples = [s for s in referring_samples(self) if s.mask is not None]
         self.validation = held_out_samples(self, 6)
@@ -220,6 +232,15 @@ class DiTHead(Head):
     def model_card(self) -> str:
         return ("Stage 2 of Diff-Prompt: an adaLN-Zero DiT (EMA weights when train.ema) generating Mask-VAE latents from CLIP image and text features. "
                 "Next: recipe diff_prompt_grounding with model.prompt_generator set to this folder.\n")
+
+
+def _image_vae(folder: str):
+    from diffusers import AutoencoderKL
+
+    vae_dir = Path(folder) / "vae"
+    if not vae_dir.is_dir():
+        raise UserError(f"model.image_latents_from '{folder}' has no vae/: pass a diffusers backbone folder such as assets/tiny-ldm")
+    return AutoencoderKL.from_pretrained(str(vae_dir)).eval().requires_grad_(False)
 
 
 # ------------------------------------------------------------------------------ tiny host

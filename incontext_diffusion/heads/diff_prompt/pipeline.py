@@ -5,7 +5,7 @@ with a `generator`, an output dataclass): their parts (a custom DiT, a grounding
 are not diffusers pipeline components. Model folders (each has a model_index.json):
 
     stage 1  mask_vae/                                            _class_name DiffPromptMaskVAE
-    stage 2  mask_vae/ dit/ clip/ scheduler/                      _class_name DiffPromptMaskPipeline
+    stage 2  mask_vae/ dit/ clip/ scheduler/ [image_vae/]         _class_name DiffPromptMaskPipeline
     host     host/                                                _class_name GroundingHostPipeline
     stage 3  host/ prompts.safetensors prompts.json [+ stage 2]   _class_name DiffPromptGroundingPipeline
 """
@@ -57,8 +57,12 @@ class MaskGenerationPipeline:
         from transformers import CLIPModel, CLIPTokenizer
 
         folder = _check_folder(Path(folder), ["mask_vae", "dit", "clip", "scheduler"])
-        conditioner = ClipConditioner(CLIPModel.from_pretrained(str(folder / "clip")), CLIPTokenizer.from_pretrained(str(folder / "clip")))
-        parts = [AutoencoderKL.from_pretrained(str(folder / "mask_vae")), MaskDiT.from_pretrained(str(folder / "dit")), conditioner]
+        dit = MaskDiT.from_pretrained(str(folder / "dit"))
+        image_vae = AutoencoderKL.from_pretrained(str(folder / "image_vae")) if (folder / "image_vae").is_dir() else None
+        image_vae_size = dit.config.input_size * 2 ** (len(image_vae.config.block_out_channels) - 1) if image_vae else None
+        clip = CLIPModel.from_pretrained(str(folder / "clip"))
+        conditioner = ClipConditioner(clip, CLIPTokenizer.from_pretrained(str(folder / "clip")), image_vae, image_vae_size)
+        parts = [AutoencoderKL.from_pretrained(str(folder / "mask_vae")), dit, conditioner]
         for module in parts:  # inference (and stage 3) only: frozen
             module.eval().requires_grad_(False)
         return cls(*parts, DDPMScheduler.from_pretrained(str(folder / "scheduler")))
@@ -69,6 +73,8 @@ class MaskGenerationPipeline:
         self.dit.save_pretrained(str(out_dir / "dit"))
         self.conditioner.clip.save_pretrained(str(out_dir / "clip"))
         self.conditioner.tokenizer.save_pretrained(str(out_dir / "clip"))
+        if self.conditioner.image_vae is not None:
+            self.conditioner.image_vae.save_pretrained(str(out_dir / "image_vae"))
         self.scheduler.save_pretrained(str(out_dir / "scheduler"))
 
     def to(self, device) -> "MaskGenerationPipeline":
@@ -79,8 +85,8 @@ class MaskGenerationPipeline:
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, texts: list[str], num_inference_steps: int = 25, generator: torch.Generator | None = None) -> MaskGenerationOutput:
         """`images` (B, 3, H, W) in [-1, 1]."""
-        image_features, text_features = self.conditioner(images, texts)
-        trajectory = ddim_trajectory(self.dit, self.sampler, image_features, text_features, num_inference_steps, generator)
+        image_features, text_features, image_latents = self.conditioner(images, texts)
+        trajectory = ddim_trajectory(self.dit, self.sampler, image_features, text_features, num_inference_steps, generator, image_latents)
         return MaskGenerationOutput(self.mask_vae.decode(trajectory[-1]).sample, trajectory)
 
     @torch.no_grad()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ...core import tiny as core_tiny
 from ...data.synthscenes import caption_vocabulary
+from ...errors import UserError
 
 BERT_SPECIAL_IDS = {0: "[PAD]", 100: "[UNK]", 101: "[CLS]", 102: "[SEP]", 103: "[MASK]", 1012: ".", 1029: "?"}
 BERT_VOCAB_SIZE = 2048
@@ -50,6 +51,29 @@ def tiny_clip(projection_dim: int, image_size: int, tokenizer_dir: Path, width: 
         projection_dim=projection_dim,
     )
     return CLIPModel(config), tokenizer
+
+
+def tiny_clip_with_backbone_text(backbone: str | Path, projection_dim: int, image_size: int, width: int = 64, layers: int = 2, heads: int = 2):
+    """A CLIPModel whose text tower (and tokenizer) are the tiny backbone's, which were pre-trained on
+    scene captions: the tiny stand-in for a pre-trained CLIP text encoder. The vision tower and both
+    projections are freshly initialised."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTextModel, CLIPTokenizer
+
+    backbone = Path(backbone)
+    if not (backbone / "text_encoder").is_dir() or not (backbone / "tokenizer").is_dir():
+        raise UserError(f"{backbone} has no text_encoder/ and tokenizer/: pass a diffusers backbone folder such as assets/tiny-ldm")
+    text_encoder = CLIPTextModel.from_pretrained(str(backbone / "text_encoder"))
+    config = CLIPConfig(
+        text_config=text_encoder.config.to_dict(),
+        vision_config=dict(
+            hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers, num_attention_heads=heads, image_size=image_size,
+            patch_size=max(image_size // 8, 1),
+        ),
+        projection_dim=projection_dim,
+    )
+    clip = CLIPModel(config)
+    clip.text_model.load_state_dict(text_encoder.state_dict())  # transformers 5: CLIPTextModel holds the tower directly
+    return clip, CLIPTokenizer.from_pretrained(str(backbone / "tokenizer"))
 
 
 def tiny_host_configs(image_size: int = 64, embed_dim: int = 32, depths=(2, 2), heads=(2, 4), window: int = 4, bert_width: int = 32, bert_layers: int = 4):
