@@ -49,7 +49,7 @@ class IP2PTriplets:
     """In-context triplets from an annotated InstructPix2Pix folder, one folder per item.
 
     Item i: a dict of HxWx3 uint8 images `example_source`, `example_target`, `query`, `target`,
-    plus `caption` (the folder's "output" caption) and `task` (the task card's name).
+    plus `caption` (the folder's "output" caption, or the task's fixed text for forward tasks) and `task` (the task card's name).
     """
 
     def __init__(self, root: str | Path, tasks: list[TaskCard], split: str = "train", size: int = 256, seed: int = 0, maps: str | Path | None = None):
@@ -83,6 +83,6 @@ class IP2PTriplets:
             "example_target": self.modality(example, task.target),
             "query": self.modality(query, task.source),
             "target": self.modality(query, task.target),
-            "caption": caption,
+            "caption": caption if task.text is None else task.text,  # forward tasks: fixed text
             "task": task.name,
         }

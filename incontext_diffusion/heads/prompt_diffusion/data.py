@@ -13,6 +13,7 @@ import torch
 
 from ...data.annotators import synthetic_map
 from ...data.synthscenes import FAMILY_CHANGES, scene_family
+from ...errors import UserError
 from ...recipes import TaskCard
 
 HELD_OUT_SEED = 1_000_000  # evaluation scenes start here; training uses small seeds
@@ -20,14 +21,15 @@ IMAGE_KEYS = ("example_source", "example_target", "query", "target")
 
 
 def synthetic_triplet(scene_seed: int, task: TaskCard, size: int, change: str) -> dict:
-    """The triplet of one task on the scene family of `scene_seed` (HxWx3 uint8 images and a caption)."""
+    """The triplet of one task on the scene family of `scene_seed` (HxWx3 uint8 images and a caption:
+    the task's fixed text for forward tasks, the query scene's caption otherwise)."""
     example, query = scene_family(scene_seed, 2, size, change)
     return {
         "example_source": synthetic_map(example, task.source),
         "example_target": synthetic_map(example, task.target),
         "query": synthetic_map(query, task.source),
         "target": synthetic_map(query, task.target),
-        "caption": query.caption,
+        "caption": task_text(task, query.caption),
         "task": task.name,
     }
 
@@ -49,6 +51,19 @@ class SyntheticTriplets(torch.utils.data.Dataset):
         task = self.tasks[rng.integers(len(self.tasks))]
         change = FAMILY_CHANGES[rng.integers(len(FAMILY_CHANGES))]
         return synthetic_triplet(self.seed + index, task, self.size, change)
+
+
+def task_text(task: TaskCard, caption: str) -> str:
+    """The text of a triplet: the task's fixed text (forward tasks, e.g. "depth map"), else the caption."""
+    return caption if task.text is None else task.text
+
+
+def with_task_texts(tasks: list[TaskCard], texts: dict[str, str]) -> list[TaskCard]:
+    """The task cards with the fixed texts a recipe sets (`model.task_texts`, task name -> text)."""
+    unknown = sorted(set(texts) - {task.name for task in tasks})
+    if unknown:
+        raise UserError(f"model.task_texts names {', '.join(unknown)}, which the recipe does not train: use names from its tasks list")
+    return [task.model_copy(update={"text": texts[task.name]}) if task.name in texts else task for task in tasks]
 
 
 def to_model_tensor(image: np.ndarray) -> torch.Tensor:

@@ -6,6 +6,9 @@ example's target map. Inverse tasks (map -> image) get FID through the metrics p
 `--inception-weights` is given, and PSNR / SSIM / RMSE against the ground-truth image (synthetic
 scenes have one). Held-out synthetic scenes start at seed 1_000_000; their example and query
 scenes differ in layout (the same objects moved), so copying the example is not the answer.
+Forward tasks on synthetic scenes are also scored on the recoloured families of the same seeds
+(`TASK/colour_*`: maps identical to the example's, so copying is exact there) and on both sets
+together (`TASK/all_*`).
 """
 
 from __future__ import annotations
@@ -62,9 +65,9 @@ def recipe_setting(model_dir: Path, section: str, key: str, default):
     return default
 
 
-def eval_triplets(task, n: int, size: int, data: Path | None) -> list[dict]:
+def eval_triplets(task, n: int, size: int, data: Path | None, change: str = "layout") -> list[dict]:
     if data is None:
-        return [synthetic_triplet(HELD_OUT_SEED + i, task, size, change="layout") for i in range(n)]
+        return [synthetic_triplet(HELD_OUT_SEED + i, task, size, change) for i in range(n)]
     from ...data.ip2p import IP2PTriplets
 
     triplets = IP2PTriplets(data, [task], split="test", size=size)
@@ -75,10 +78,37 @@ def as_batch(images: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
 
 
+def generate(pipe: PromptDiffusionPipeline, triplets: list[dict], steps: int, guidance: float, seed: int, label: str) -> torch.Tensor:
+    """The outputs for `triplets` as a uint8 (B, 3, H, W) batch; triplet i is sampled with seed + i."""
+    outputs = []
+    for i, triplet in enumerate(track(triplets, description=label, transient=True)):
+        image = run_pipeline(pipe, triplet["caption"], triplet["example_source"], triplet["example_target"], triplet["query"], steps, guidance, seed + i)
+        outputs.append(np.asarray(load_rgb(image, size=triplet["target"].shape[1::-1])))
+    return as_batch(outputs)
+
+
+def recoloured_scores(pipe, card, n: int, size: int, steps: int, guidance: float, seed: int,
+                      layout_generated: torch.Tensor, layout_copied: torch.Tensor, layout_reference: torch.Tensor) -> dict:
+    """RMSE of the model and of copying the example on the recoloured families (`colour_*`) and on
+    the recoloured and moved families together (`all_*`)."""
+    triplets = eval_triplets(card, n, size, None, change="colour")
+    generated = generate(pipe, triplets, steps, guidance, seed, f"{card.name} (recoloured)")
+    copied, reference = as_batch([t["example_target"] for t in triplets]), as_batch([t["target"] for t in triplets])
+    all_reference = torch.cat([layout_reference, reference])
+    return {
+        f"{card.name}/colour_rmse": pixel_rmse(generated, reference),
+        f"{card.name}/colour_rmse_copy_example": pixel_rmse(copied, reference),
+        f"{card.name}/all_rmse": pixel_rmse(torch.cat([layout_generated, generated]), all_reference),
+        f"{card.name}/all_rmse_copy_example": pixel_rmse(torch.cat([layout_copied, copied]), all_reference),
+    }
+
+
 def evaluate_model(model_dir: Path, tasks: list[str], data: Path | None = None, num_samples: int = 100, steps: int = 50, seed: int = 0,
                    inception_weights: Path | None = None, guidance: float | None = None) -> dict:
     """Scores per task (see the module docstring), as a flat dict for results.md / results.json."""
     cards = [load_task(name) for name in (tasks or DEFAULT_TASKS)]
+    texts = recipe_setting(model_dir, "model", "task_texts", {}) or {}
+    cards = [card.model_copy(update={"text": texts[card.name]}) if card.name in texts else card for card in cards]
     size = int(recipe_setting(model_dir, "data", "size", 64))
     guidance = guidance or float(recipe_setting(model_dir, "model", "guidance_scale", 9.0))
     inverse = [card for card in cards if card.target == "image"]
@@ -89,17 +119,16 @@ def evaluate_model(model_dir: Path, tasks: list[str], data: Path | None = None, 
     results: dict = {"num_samples": num_samples, "steps": steps, "guidance_scale": guidance, "data": str(data or "synthetic scenes (held out)")}
     for card in cards:
         triplets = eval_triplets(card, num_samples, size, data)
-        outputs = []
-        for i, triplet in enumerate(track(triplets, description=f"{card.name}", transient=True)):
-            image = run_pipeline(pipe, triplet["caption"], triplet["example_source"], triplet["example_target"], triplet["query"], steps, guidance, seed + i)
-            outputs.append(np.asarray(load_rgb(image, size=triplet["target"].shape[1::-1])))
-        generated, reference = as_batch(outputs), as_batch([t["target"] for t in triplets])
+        generated, reference = generate(pipe, triplets, steps, guidance, seed, card.name), as_batch([t["target"] for t in triplets])
         metrics = GenerationMetrics()
         metrics.update(generated, reference)
         for name, value in metrics.compute().items():
             results[f"{card.name}/{name}"] = value
         if card.target != "image":
-            results[f"{card.name}/rmse_copy_example"] = pixel_rmse(as_batch([t["example_target"] for t in triplets]), reference)
+            copied = as_batch([t["example_target"] for t in triplets])
+            results[f"{card.name}/rmse_copy_example"] = pixel_rmse(copied, reference)
+            if data is None:
+                results |= recoloured_scores(pipe, card, num_samples, size, steps, guidance, seed, generated, copied, reference)
         elif fid_ready:
             fid = FID(feature_extractor_weights_path=inception_weights)
             fid.update(reference, real=True)

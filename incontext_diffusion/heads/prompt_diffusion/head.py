@@ -5,6 +5,11 @@ Per the spec's decisions: uniform task sampling; condition dropout text 10 %, ex
 both together 5 %, the query never; pair and query in [-1, 1] by default; Stable Diffusion frozen
 unless `train_unet_decoder: true` (the UNet decoder, ldm `output_blocks` and `out`, then trains
 too, as the official run did); eps-MSE loss. Randomness is drawn in the forward, in step order.
+
+`train_vae_decoder: true` (a deviation, for backbones whose VAE never saw condition maps, like the
+tiny one trained on RGB scenes only) adds a reconstruction loss that teaches the VAE decoder to
+decode the encoder's latents of the training targets; the encoder, and so the latent space the
+UNet knows, stays frozen.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from ...core.images import make_grid, to_pil
 from ...errors import UserError
 from ...recipes import TaskCard, load_task
 from .controlnet import PromptDiffusionControlNetModel, conditioning_channels_for
-from .data import HELD_OUT_SEED, IMAGE_KEYS, SyntheticTriplets, as_tensors
+from .data import HELD_OUT_SEED, IMAGE_KEYS, SyntheticTriplets, as_tensors, with_task_texts
 from .pipeline import PromptDiffusionPipeline
 
 
@@ -34,6 +39,9 @@ class PromptDiffusionOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     conditioning_range: Literal["[-1, 1]", "[0, 1]"] = "[-1, 1]"  # [-1, 1]: the paper; [0, 1]: diffusers' port
     train_unet_decoder: bool = False
+    train_vae_decoder: bool = False  # deviation for the tiny backbone (see the module docstring)
+    vae_decoder_samples: int = Field(4, ge=1)  # targets per batch the VAE decoder reconstructs (it runs at full resolution)
+    task_texts: dict[str, str] = {}  # task name -> fixed text, replacing the task card's (e.g. for a small tokenizer)
     text_dropout: float = Field(0.10, ge=0, le=1)  # in total, including the "both" share
     pair_dropout: float = Field(0.10, ge=0, le=1)
     both_dropout: float = Field(0.05, ge=0, le=1)  # text and pair dropped together
@@ -74,6 +82,8 @@ class PromptDiffusionModel(torch.nn.Module):
         self.noise_scheduler = components.noise_scheduler
         if options.train_unet_decoder:
             self.unet = components.unet  # registered: trained in part and checkpointed
+        if options.train_vae_decoder:
+            self.vae = components.vae
         self.register_buffer("empty_ids", empty_ids, persistent=False)
 
     def forward(self, example_source, example_target, query, target, input_ids) -> torch.Tensor:
@@ -92,7 +102,17 @@ class PromptDiffusionModel(torch.nn.Module):
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         down, mid = self.controlnet(noisy, timesteps, text, controlnet_cond=pair, controlnet_query_cond=query, return_dict=False)
         prediction = unet(noisy, timesteps, text, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
-        return F.mse_loss(prediction.float(), noise.float())
+        loss = F.mse_loss(prediction.float(), noise.float())
+        if self.options.train_vae_decoder:
+            count = self.options.vae_decoder_samples
+            reconstruction = vae.decode(latents[:count] / vae.config.scaling_factor).sample
+            loss = loss + F.mse_loss(reconstruction.float(), target[:count].float())
+        return loss
+
+
+def vae_decoder_parameter_names(vae) -> list[str]:
+    """The VAE decoder: `post_quant_conv` and `decoder`."""
+    return [name for name, _ in vae.named_parameters() if name.startswith(("post_quant_conv.", "decoder."))]
 
 
 def decoder_parameter_names(unet) -> list[str]:
@@ -108,14 +128,19 @@ class PromptDiffusionHead(Head):
     def build(self) -> None:
         if not self.recipe.tasks:
             raise UserError(f"recipe {self.recipe.name} lists no tasks: add e.g. tasks: [image_to_depth, depth_to_image]")
-        self.tasks: list[TaskCard] = [load_task(name) for name in self.recipe.tasks]
+        self.tasks: list[TaskCard] = with_task_texts([load_task(name) for name in self.recipe.tasks], self.options.task_texts)
         self.components = load_components(self.recipe.backbone or "tiny")
+        check_task_texts(self.tasks, self.components.tokenizer)
         self.controlnet = build_controlnet(self.components, self.options)
         for module in (self.components.vae, self.components.text_encoder, self.components.unet):
             module.requires_grad_(False)
         if self.options.train_unet_decoder:
             decoder = set(decoder_parameter_names(self.components.unet))
             for name, param in self.components.unet.named_parameters():
+                param.requires_grad_(name in decoder)
+        if self.options.train_vae_decoder:
+            decoder = set(vae_decoder_parameter_names(self.components.vae))
+            for name, param in self.components.vae.named_parameters():
                 param.requires_grad_(name in decoder)
         self.model = PromptDiffusionModel(self.components, self.controlnet, self.options, self.tokenize([""]))
         self.dataset = self.make_dataset()
@@ -143,7 +168,8 @@ class PromptDiffusionHead(Head):
         return self.model
 
     def frozen(self) -> list[torch.nn.Module]:
-        parts = [self.components.vae, self.components.text_encoder]
+        parts = [self.components.text_encoder]
+        parts += [] if self.options.train_vae_decoder else [self.components.vae]
         return parts if self.options.train_unet_decoder else parts + [self.components.unet]
 
     def train_dataset(self):
@@ -199,6 +225,19 @@ class TensorView(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         return as_tensors(self.triplets[index])
+
+
+def check_task_texts(tasks: list[TaskCard], tokenizer) -> None:
+    """A fixed task text must fit the tokenizer, or its end would be cut off silently."""
+    for task in tasks:
+        if task.text is None:
+            continue
+        length = len(tokenizer(task.text).input_ids)
+        if length > tokenizer.model_max_length:
+            raise UserError(
+                f"the text of task {task.name} ({task.text!r}) is {length} tokens, but the tokenizer takes {tokenizer.model_max_length}: "
+                f"set model.task_texts.{task.name} to a shorter text"
+            )
 
 
 def build_controlnet(components: Components, options: PromptDiffusionOptions) -> PromptDiffusionControlNetModel:
