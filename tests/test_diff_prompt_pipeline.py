@@ -130,3 +130,20 @@ def test_backbone_text_tower_is_copied(tmp_path):
 def test_backbone_text_tower_needs_the_tiny_clip(chain, tmp_path):
     with pytest.raises(UserError, match="clip: tiny"):
         load_head(load_recipe("diff_prompt_dit-tiny", [*MICRO, f"model.mask_vae={chain['vae']}", f"output_dir={tmp_path}", "model.clip=some/clip"])).build()
+
+
+def test_mask_latents_mode_is_the_posterior_mean(chain, tmp_path):
+    """model.mask_latents: mode trains on the Mask-VAE posterior mean, sample (the paper) on a draw from it."""
+    losses = {}
+    for choice in ("mode", "sample"):
+        head = load_head(load_recipe("diff_prompt_dit-tiny", [*MICRO, f"model.mask_vae={chain['vae']}", f"output_dir={tmp_path / choice}",
+                                                              *micro_dit_overrides(chain["backbone"]), f"model.mask_latents={choice}"]))
+        head.build()
+        batch = head.collate(head.train_dataset()[:2])
+        runs = []
+        for _ in range(2):
+            torch.manual_seed(0)
+            runs.append(head.loss(head.trainable(), batch, 0).item())
+        losses[choice] = runs
+    assert losses["mode"][0] == losses["mode"][1] and losses["sample"][0] == losses["sample"][1]  # the global RNG drives both
+    assert losses["mode"][0] != losses["sample"][0]

@@ -126,6 +126,7 @@ class DiTOptions(Options):
     train_clip: bool = False  # tiny CLIP only: no pre-trained vision tower exists, so the untrained parts learn with the DiT (documented deviation)
     image_latents_from: str | None = None  # a folder with vae/: its frozen latent of the image is concatenated to the DiT input (spatial condition)
     prediction_type: str = Field("epsilon", pattern="^(epsilon|v_prediction)$")
+    mask_latents: str = Field("sample", pattern="^(sample|mode)$")  # the paper samples the Mask-VAE posterior; "mode" takes its mean
     hidden_size: int = 512
     depth: int = 12
     num_heads: int = 8
@@ -209,7 +210,8 @@ class DiTHead(Head):
 
     def loss(self, model, batch, step):
         with torch.no_grad():
-            latents = self.vae.encode(batch["masks"].to(self.vae.dtype)).latent_dist.sample().float()
+            posterior = self.vae.encode(batch["masks"].to(self.vae.dtype)).latent_dist
+            latents = (posterior.sample() if self.options.mask_latents == "sample" else posterior.mode()).float()
             features = None if self.options.train_clip else self.conditioner(batch["images"], batch["texts"])
         return model(latents, batch["images"], batch["texts"], features)
 
