@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import logging
 import os
 import platform
 import sys
@@ -17,6 +18,8 @@ from typing import Callable, Optional
 
 # Before diffusers/transformers are imported: their loading bars would clutter every command.
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+# bitsandbytes (the 8-bit optimiser) warns at import, through diffusers, about a CPU 4-bit kernel we never use.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
@@ -211,6 +214,51 @@ def convert_single_file(
 
 
 # --------------------------------------------------------------------------------- recipes, info
+@app.command()
+def bench(
+    cases: list[str] = typer.Argument(None, help="Cases to run (default: every case that fits --size); see `icd bench --list`."),
+    size: str = typer.Option("tiny", "--size", help="tiny: the recipes' own models; sd15: SD1.5's architecture with random weights (GPU)."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda, cuda:1, ..."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16 (training: autocast with fp32 weights; inference: half weights)."),
+    batch: Optional[int] = typer.Option(None, "--batch", help="Batch size (default: per case)."),
+    resolution: Optional[int] = typer.Option(None, "--resolution", help="Image size (default: the recipe's; sd15: per case)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps of inference cases (default: per case)."),
+    iterations: int = typer.Option(10, "--iterations", "-n", help="Timed iterations (the median is reported)."),
+    warmup: int = typer.Option(3, "--warmup", help="Untimed iterations first (compilation, allocator, caches)."),
+    set_: list[str] = typer.Option([], "--set", help="Recipe override for every case, e.g. --set train.compile=true."),
+    peak: Optional[float] = typer.Option(None, "--peak-tflops", help="Device peak for MFU (default: known GPUs' dense bf16 peak)."),
+    out: Path = typer.Option(Path("outputs/bench"), "--out", help="Folder of bench.json (appended) and bench.md."),
+    list_cases: bool = typer.Option(False, "--list", help="List the cases and exit."),
+) -> None:
+    """Time training steps and inference of every head: median s/iter, samples/s, FLOPs, MFU, peak memory."""
+    import torch
+
+    from .bench import CASES, DTYPES, markdown_table, run_case, write_results
+
+    if list_cases:
+        for name, case in CASES.items():
+            sd15 = f"; --size sd15: recipe {case.sd15_recipe} at {case.resolution} px" if case.sd15_recipe else "; tiny only"
+            console.print(f"{name}: recipe {case.recipe}, batch {case.batch}{sd15}")
+        return
+    if size not in ("tiny", "sd15"):
+        raise UserError(f"--size {size!r} is not known: choose tiny or sd15")
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype!r} is not known: choose {', '.join(DTYPES)}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA device here: pass --device cpu")
+    names = cases or [name for name, case in CASES.items() if size == "tiny" or case.sd15_recipe]
+    quiet_loading()
+    records = []
+    for name in names:
+        console.print(f"[bold]{name}[/bold] ...")
+        records.append(run_case(name, size, device, dtype, batch, resolution, steps, iterations, warmup, tuple(set_), peak))
+    json_path, md_path = write_results(records, out)
+    typer.echo(markdown_table(records))
+    console.print(f"appended to {json_path}; table of every run in {md_path}")
+
+
 @app.command()
 def recipes() -> None:
     """List the recipes with a one-line description each."""

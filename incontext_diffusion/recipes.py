@@ -64,8 +64,16 @@ class TrainConfig(Strict):
         "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial", "piecewise_constant"
     ] = "constant"
     lr_warmup_steps: int = Field(0, ge=0)
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # autocast; trained weights stay fp32
     gradient_checkpointing: bool = False
+    # Fast paths, each checked against the default path in tests/test_fast_paths.py.
+    optimizer: Literal["adamw", "adamw_fused", "adamw_8bit"] = "adamw"  # adamw_8bit needs bitsandbytes
+    allow_tf32: bool = False  # TF32 matmuls and convolutions (Ampere and newer GPUs)
+    channels_last: bool = False  # NHWC memory format for the diffusers models
+    attention: Literal["sdpa", "eager"] = "sdpa"  # sdpa: PyTorch's fused kernels (flash / memory-efficient)
+    compile: bool = False  # torch.compile the diffusers models (UNet, ControlNet, VAE, DiT) in place
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"  # reduce-overhead: CUDA graphs
+    compile_backend: str = "inductor"  # torch.compile's backend; "aot_eager" traces without generating kernels
     ema: bool = False
     ema_decay: float = Field(0.9999, gt=0, lt=1)
     checkpoint_every: int = Field(500, ge=1)

@@ -2,6 +2,7 @@
 
 A backbone is named by one string:
 - `tiny`: the embedded model in `assets/tiny-ldm` (the stand-in for SD1.5 offline and on a CPU);
+- `random-sd15`: SD1.5's architecture with random weights (benchmarks and smoke tests at real size);
 - a local diffusers-format folder (`model_index.json` or `unet/`, `vae/`, ... subfolders);
 - a single-file SD checkpoint (`.safetensors`, or `.ckpt` read with `weights_only=True`; a
   checkpoint that needs unpickling is refused unless `trust_pickle=True`);
@@ -123,6 +124,10 @@ def load_components(backbone: str = "tiny", *, config: str | None = None, trust_
         if not (TINY_LDM / "model_index.json").is_file():
             raise UserError(f"the embedded backbone {TINY_LDM} is missing: rebuild it with `icd train --recipe tiny_ldm`")
         return _from_folder(str(TINY_LDM), local_only=True)
+    if backbone == "random-sd15":
+        from .tiny import random_sd15_components
+
+        return random_sd15_components(TINY_LDM / "tokenizer")
     path = Path(backbone).expanduser()
     if path.is_dir():
         if not ((path / "model_index.json").is_file() or (path / "unet").is_dir()):
@@ -133,7 +138,7 @@ def load_components(backbone: str = "tiny", *, config: str | None = None, trust_
             raise UserError(f"checkpoint file {path} does not exist: check the path")
         return _from_single_file(path, config, trust_pickle)
     if backbone.count("/") != 1 or backbone.startswith((".", "/", "~")):
-        raise UserError(f"backbone '{backbone}' is neither 'tiny', an existing folder or file, nor a hub id like org/name")
+        raise UserError(f"backbone '{backbone}' is neither 'tiny', 'random-sd15', an existing folder or file, nor a hub id like org/name")
     if _is_hub_cached(backbone):
         return _from_folder(backbone, local_only=True)
     if not hub_reachable():

@@ -5,6 +5,8 @@ The tiny backbone mirrors SD1.5's shape at a fraction of the size: a 3-level VAE
 has SD1.5's blocks where heads tap it (cross-attention at the two middle levels), a
 CLIP text encoder and a real CLIPTokenizer whose vocabulary is the synthetic-scene grammar.
 `scale="micro"` gives the same structure with a few thousand parameters, for fast tests.
+`random_sd15_components()` builds SD1.5's own architecture with random weights: benchmarks and
+smoke tests at real size without a download (`backbone: random-sd15`).
 """
 
 from __future__ import annotations
@@ -131,3 +133,33 @@ def micro_components(tokenizer_dir: Path, seed: int = 0) -> Components:
 def inference_scheduler() -> DDIMScheduler:
     """DDIM with SD's settings (steps_offset 1, leading spacing, no alpha-to-one)."""
     return DDIMScheduler(**SCHEDULER_CONFIG, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+
+
+def random_sd15_components(tokenizer_dir: Path) -> Components:
+    """SD1.5's architecture (860 M UNet, 84 M VAE, CLIP-L text encoder) with random weights.
+
+    The tokenizer is the tiny backbone's (from `tokenizer_dir`) padded to SD's 77 tokens: its ids
+    are valid in CLIP-L's 49,408-word table, which is all a benchmark needs.
+    """
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=512,
+        scaling_factor=0.18215,
+    )
+    unet = UNet2DConditionModel(  # the library defaults are SD1.5's except the text width
+        sample_size=64,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                       max_position_embeddings=77, hidden_act="quick_gelu")
+    )
+    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir), model_max_length=77)
+    return Components(vae, unet, text_encoder, tokenizer, DDPMScheduler(**SCHEDULER_CONFIG), source="random-sd15")

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+from diffusers import ModelMixin
+from diffusers.models.attention_processor import AttnProcessor
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -29,15 +31,60 @@ MAX_SKIPPED_IN_A_ROW = 10  # with train.on_nan=skip: a run that only produces Na
 
 
 def make_optimizer(params: list[dict], recipe_train, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW, fused where the device supports it (CUDA)."""
-    return torch.optim.AdamW(
-        params,
+    """AdamW as `train.optimizer` asks: PyTorch's (multi-tensor or fused) or bitsandbytes' 8-bit one."""
+    kwargs = dict(
         lr=recipe_train.learning_rate,
         betas=(recipe_train.adam_beta1, recipe_train.adam_beta2),
         eps=recipe_train.adam_epsilon,
         weight_decay=recipe_train.weight_decay,
-        fused=device.type == "cuda",
     )
+    if recipe_train.optimizer == "adamw_8bit":
+        try:
+            import bitsandbytes
+        except ImportError:
+            raise UserError("train.optimizer adamw_8bit needs bitsandbytes: pip install bitsandbytes, or choose adamw / adamw_fused") from None
+        return bitsandbytes.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, fused=recipe_train.optimizer == "adamw_fused", **kwargs)
+
+
+def diffusers_models(modules: list[torch.nn.Module]) -> list[ModelMixin]:
+    """The outermost diffusers models inside `modules` (UNet, ControlNet, VAE, DiT, heads)."""
+    found: list[ModelMixin] = []
+
+    def visit(module: torch.nn.Module) -> None:
+        if isinstance(module, ModelMixin):
+            found.append(module)
+            return
+        for child in module.children():
+            visit(child)
+
+    for module in modules:
+        visit(module)
+    return list({id(m): m for m in found}.values())
+
+
+def apply_fast_paths(modules: list[torch.nn.Module], recipe_train) -> None:
+    """The recipe's speed switches, in place: TF32, channels_last, attention kernels, torch.compile.
+    Parameter names are unchanged (Module.compile wraps forward), so checkpoints and exports are too."""
+    torch.backends.cuda.matmul.allow_tf32 = recipe_train.allow_tf32
+    torch.backends.cudnn.allow_tf32 = recipe_train.allow_tf32
+    for model in diffusers_models(modules):
+        if recipe_train.attention == "eager" and hasattr(model, "set_attn_processor"):
+            model.set_attn_processor(AttnProcessor())  # softmax(QK^T)V in plain matmuls
+        if recipe_train.channels_last:
+            model.to(memory_format=torch.channels_last)
+        if recipe_train.compile:
+            options = {"mode": recipe_train.compile_mode} if recipe_train.compile_backend == "inductor" else {}
+            model.compile(backend=recipe_train.compile_backend, **options)
+
+
+def place_frozen(modules: list[torch.nn.Module], device: torch.device, weight_dtype: torch.dtype) -> None:
+    """Frozen modules: no gradients, on the device, in the half dtype under mixed precision."""
+    for module in modules:
+        module.requires_grad_(False)
+        module.to(device)
+        if weight_dtype != torch.float32:
+            module.to(dtype=weight_dtype)
 
 
 def progress_bar(disable: bool) -> Progress:
@@ -78,6 +125,7 @@ def train(head: Head, resume: str | None = None) -> Path:
     model.train()
     if cfg.gradient_checkpointing:
         head.enable_gradient_checkpointing()
+    apply_fast_paths([model, *head.frozen()], cfg)
     optimizer = make_optimizer(head.parameter_groups(model, cfg.learning_rate), cfg, accelerator.device)
     # The prepared scheduler steps once per process, so its horizon is scaled likewise (diffusers PR #8312).
     lr_scheduler = get_scheduler(
@@ -100,11 +148,7 @@ def train(head: Head, resume: str | None = None) -> Path:
     )
     model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    for module in head.frozen():
-        module.requires_grad_(False)
-        module.to(accelerator.device)
-        if weight_dtype != torch.float32:
-            module.to(dtype=weight_dtype)
+    place_frozen(head.frozen(), accelerator.device, weight_dtype)
     ema = EMAModel(accelerator.unwrap_model(model).parameters(), decay=cfg.ema_decay) if cfg.ema else None
     if ema is not None:
         ema.to(accelerator.device)
