@@ -197,6 +197,24 @@ def data_synth(
         console.print(f"wrote {grid}")
 
 
+@data_app.command("cache")
+def data_cache(
+    recipe: str = typer.Option(..., "--recipe", "-r", help="The recipe whose training data to encode."),
+    out: Path = typer.Option(..., "--out", "-o", help="New folder for the cache; then train with --set data.cache=OUT."),
+    set_: list[str] = typer.Option([], "--set", help="Recipe override (backbone, data.*), as for `icd train`."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Samples encoded at once."),
+) -> None:
+    """Precompute the frozen encoders' outputs (VAE latents, text embeddings) of a recipe's training set."""
+    from .core.head import load_head
+    from .data.cache import write_cache
+    from .recipes import load_recipe
+
+    head = load_head(load_recipe(recipe, set_))
+    quiet_loading()
+    count = write_cache(head, out, batch_size=batch_size)
+    console.print(f"cached {count} samples in {out}; train with --set data.cache={out}")
+
+
 # --------------------------------------------------------------------------------------- convert
 @convert_app.command("single-file")
 def convert_single_file(

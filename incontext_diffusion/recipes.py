@@ -46,6 +46,7 @@ class DataConfig(Strict):
     max_objects: int = Field(3, ge=1)
     held_out: int = Field(100, ge=0)  # scenes kept for validation and evaluation
     num_workers: int = Field(0, ge=0)
+    cache: str | None = None  # a folder written by `icd data cache`: precomputed encoder outputs to train from
 
 
 class TrainConfig(Strict):

@@ -65,6 +65,11 @@ class Head:
     def collate(self, samples: list) -> Any:
         return torch.utils.data.default_collate(samples)
 
+    def cache_features(self, batch: Any) -> dict[str, torch.Tensor]:
+        """Per-sample tensors for `icd data cache`: what `collate` and `loss` need from one batch, with the
+        frozen encoders' outputs precomputed. A cached sample must come back through `collate` and `loss`."""
+        raise UserError(f"the {self.recipe.head} head has nothing to cache: train it from its data (remove data.cache)")
+
     def loss(self, model: torch.nn.Module, batch: Any, step: int) -> torch.Tensor:
         """The training loss of one batch. `model` is the prepared (maybe DDP-wrapped) trainable."""
         raise NotImplementedError

@@ -23,6 +23,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from ..data.cache import load_cache
 from ..errors import UserError
 from .checkpoints import atomic_export, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint, write_model_card
 from .head import Head
@@ -134,7 +135,7 @@ def train(head: Head, resume: str | None = None) -> Path:
         num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=cfg.max_steps * accelerator.num_processes,
     )
-    dataset = head.train_dataset()
+    dataset = load_cache(recipe.data.cache, head) if recipe.data.cache else head.train_dataset()
     if len(dataset) < cfg.batch_size * accelerator.num_processes:
         raise UserError(f"the dataset has {len(dataset)} samples, fewer than one batch ({cfg.batch_size}): lower train.batch_size or add data")
     dataloader = torch.utils.data.DataLoader(

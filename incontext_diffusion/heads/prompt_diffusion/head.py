@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from rich.progress import track
 
@@ -86,7 +87,8 @@ class PromptDiffusionModel(torch.nn.Module):
             self.vae = components.vae
         self.register_buffer("empty_ids", empty_ids, persistent=False)
 
-    def forward(self, example_source, example_target, query, target, input_ids) -> torch.Tensor:
+    def forward(self, example_source, example_target, query, target, input_ids, latent_moments=None, text_embeds=None) -> torch.Tensor:
+        """eps-MSE loss of one batch; `latent_moments` and `text_embeds` come from `icd data cache` when given."""
         vae, text_encoder, unet = self.backbone["vae"], self.backbone["text_encoder"], self.backbone["unet"]
         drop_text, drop_pair = draw_condition_dropout(target.shape[0], self.options, target.device)
         input_ids = torch.where(drop_text[:, None], self.empty_ids, input_ids)
@@ -95,8 +97,14 @@ class PromptDiffusionModel(torch.nn.Module):
         if self.options.conditioning_range == "[0, 1]":
             pair, query = (pair + 1) / 2, (query + 1) / 2
         with torch.no_grad():
-            latents = vae.encode(target.to(vae.dtype)).latent_dist.sample() * vae.config.scaling_factor
-            text = text_encoder(input_ids)[0]
+            # A cached posterior is sampled here, as the encoder's would be: the same latents, draw for draw.
+            posterior = DiagonalGaussianDistribution(latent_moments) if latent_moments is not None else vae.encode(target.to(vae.dtype)).latent_dist
+            # Contiguous: the encoder may return channels-last latents, and CPU random draws depend on the layout.
+            latents = (posterior.sample() * vae.config.scaling_factor).contiguous()
+            if text_embeds is None:
+                text = text_encoder(input_ids)[0]
+            else:
+                text = torch.where(drop_text[:, None, None], text_encoder(self.empty_ids)[0].to(text_embeds.dtype), text_embeds)
         noise = torch.randn_like(latents)
         timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
@@ -179,11 +187,25 @@ class PromptDiffusionHead(Head):
         return token_ids(self.components.tokenizer, captions)
 
     def collate(self, samples: list[dict]) -> dict:
+        if "latent_moments" in samples[0]:  # from `icd data cache`: images stored as uint8
+            batch = {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+            return batch | {key: batch[key].float() / 127.5 - 1 for key in IMAGE_KEYS}
         batch = {key: torch.stack([s[key] for s in samples]) for key in IMAGE_KEYS}
         return batch | {"input_ids": self.tokenize([s["caption"] for s in samples])}
 
+    def cache_features(self, batch: dict) -> dict[str, torch.Tensor]:
+        """The images (uint8, exact), the token ids, the target's VAE posterior and the text embeddings."""
+        vae, text_encoder = self.components.vae, self.components.text_encoder
+        images = {key: ((batch[key] + 1) * 127.5).round().to(torch.uint8) for key in IMAGE_KEYS}
+        return images | {
+            "input_ids": batch["input_ids"],
+            "latent_moments": vae.encode(batch["target"].to(vae.dtype)).latent_dist.parameters,
+            "text_embeds": text_encoder(batch["input_ids"])[0],
+        }
+
     def loss(self, model: torch.nn.Module, batch: dict, step: int) -> torch.Tensor:
-        return model(batch["example_source"], batch["example_target"], batch["query"], batch["target"], batch["input_ids"])
+        return model(batch["example_source"], batch["example_target"], batch["query"], batch["target"], batch["input_ids"],
+                     batch.get("latent_moments"), batch.get("text_embeds"))
 
     def pipeline(self, model: PromptDiffusionModel) -> PromptDiffusionPipeline:
         return make_pipeline(self.components, model.controlnet, self.options.conditioning_range)
