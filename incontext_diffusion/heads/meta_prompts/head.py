@@ -147,7 +147,8 @@ class MetaPromptsHead(Head):
 
     # --- the training step ------------------------------------------------------------------------
     def augment(self, images: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Random scale (one per batch), crop and flip (per sample), brightness/contrast/gamma jitter."""
+        """Random scale (one per batch), crop and flip (per sample), brightness/contrast/gamma jitter.
+        Drawn from the CPU generator on every device (the same run on CPU and GPU), then moved."""
         o = self.options
         low, high = o.scale_range
         if high > low or low != 1.0:
@@ -165,14 +166,15 @@ class MetaPromptsHead(Head):
             images = torch.stack([x[..., t : t + crop, l : l + crop] for x, t, l in zip(images, tops, lefts)])
             target = torch.stack([y[..., t : t + crop, l : l + crop] for y, t, l in zip(target, tops, lefts)])
         if o.flip:
-            flips = torch.rand(images.shape[0]) < 0.5
+            flips = (torch.rand(images.shape[0]) < 0.5).to(images.device)
             images = torch.where(flips[:, None, None, None], images.flip(-1), images)
             target = torch.where(flips.view(-1, *[1] * (target.ndim - 1)), target.flip(-1), target)
         if o.photometric:
             b = images.shape[0]
             unit = (images + 1) / 2
-            unit = unit * (1 + 0.2 * (torch.rand(b, 1, 1, 1) * 2 - 1)) + 0.1 * (torch.rand(b, 1, 1, 1) * 2 - 1)
-            unit = unit.clamp(0, 1) ** (1 + 0.2 * (torch.rand(b, 1, 1, 1) * 2 - 1))
+            jitter = (torch.rand(3, b, 1, 1, 1) * 2 - 1).to(images.device)  # brightness, contrast, gamma
+            unit = unit * (1 + 0.2 * jitter[0]) + 0.1 * jitter[1]
+            unit = unit.clamp(0, 1) ** (1 + 0.2 * jitter[2])
             images = unit * 2 - 1
         return images, target
 
