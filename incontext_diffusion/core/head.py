@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from PIL import Image
@@ -51,6 +51,11 @@ class Head:
     def parameter_groups(self, model: torch.nn.Module, learning_rate: float) -> list[dict]:
         """Optimiser parameter groups; override for per-module learning rates."""
         return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": learning_rate}]
+
+    def lr_lambda(self, max_steps: int) -> Callable[[int], float] | None:
+        """A learning-rate factor per optimiser step that replaces `train.lr_scheduler` (a paper's own
+        schedule); None keeps the recipe's."""
+        return None
 
     def enable_gradient_checkpointing(self) -> None:
         model = self.trainable()

@@ -129,12 +129,16 @@ def train(head: Head, resume: str | None = None) -> Path:
     apply_fast_paths([model, *head.frozen()], cfg)
     optimizer = make_optimizer(head.parameter_groups(model, cfg.learning_rate), cfg, accelerator.device)
     # The prepared scheduler steps once per process, so its horizon is scaled likewise (diffusers PR #8312).
-    lr_scheduler = get_scheduler(
-        cfg.lr_scheduler,
-        optimizer,
-        num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=cfg.max_steps * accelerator.num_processes,
-    )
+    head_factor = head.lr_lambda(cfg.max_steps)
+    if head_factor is not None:
+        lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda count: head_factor(count // accelerator.num_processes))
+    else:
+        lr_scheduler = get_scheduler(
+            cfg.lr_scheduler,
+            optimizer,
+            num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
+            num_training_steps=cfg.max_steps * accelerator.num_processes,
+        )
     dataset = load_cache(recipe.data.cache, head) if recipe.data.cache else head.train_dataset()
     if len(dataset) < cfg.batch_size * accelerator.num_processes:
         raise UserError(f"the dataset has {len(dataset)} samples, fewer than one batch ({cfg.batch_size}): lower train.batch_size or add data")

@@ -52,6 +52,10 @@ class MetaPromptsOptions(BaseModel):
     auxiliary_weight: float = Field(0.4, ge=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     short_side: int | None = Field(None, ge=16)  # segmentation datasets: resize to this short side first
+    # official_depth: the depth code's schedule, replacing train.lr_scheduler: from min_learning_rate up to
+    # train.learning_rate at half the run ((s/half)^0.9), then back down, min_learning_rate at the end
+    lr_schedule: Literal["recipe", "official_depth"] = "recipe"
+    min_learning_rate: float = Field(3e-5, ge=0)
     # augmentation in the training step
     crop_size: int | None = Field(None, ge=16)  # random crop (square); None: whole images
     scale_range: tuple[float, float] = (1.0, 1.0)
@@ -98,6 +102,19 @@ class MetaPromptsHead(Head):
 
     def trainable(self) -> torch.nn.Module:
         return self.model
+
+    def lr_lambda(self, max_steps: int):
+        if self.options.lr_schedule == "recipe":
+            return None
+        low = self.options.min_learning_rate / self.recipe.train.learning_rate
+        half = max(1, max_steps // 2)
+
+        def factor(step: int) -> float:
+            if step < half:
+                return low + (1 - low) * (step / half) ** 0.9
+            return max(low, 1 - (1 - low) * (step / half - 1) ** 0.9)
+
+        return factor
 
     def parameter_groups(self, model: torch.nn.Module, learning_rate: float) -> list[dict]:
         """UNet at lr x unet_lr_scale (every UNet parameter: the official norm-key quirk is not kept);
