@@ -17,11 +17,14 @@ import sys
 from pathlib import Path
 from PIL import Image
 from incontext_diffusion.heads.prompt_diffusion.data import HELD_OUT_SEED, synthetic_triplet
-from incontext_diffusion.recipes import load_task
+from incontext_diffusion.recipes import load_recipe, load_task
 
 out = Path(sys.argv[1])
+texts = load_recipe("prompt_diffusion-tiny").model.get("task_texts", {})  # the tiny backbone's forward-task texts
 for task in ("canny_to_image", "image_to_depth"):
-    triplet = synthetic_triplet(HELD_OUT_SEED + 7, load_task(task), 64, change="layout")
+    card = load_task(task)
+    card = card.model_copy(update={"text": texts[task]}) if task in texts else card
+    triplet = synthetic_triplet(HELD_OUT_SEED + 7, card, 64, change="layout")
     for key in ("example_source", "example_target", "query", "target"):
         Image.fromarray(triplet[key]).save(out / f"{task}_{key}.png")
     (out / f"{task}_caption.txt").write_text(triplet["caption"])
