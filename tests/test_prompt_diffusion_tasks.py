@@ -100,7 +100,10 @@ def test_recoloured_families_make_copying_exact_and_all_scores_pool_both_sets(tm
     pipe = make_pipeline(components, model.controlnet)
     card = load_task("image_to_depth").model_copy(update={"text": ""})
     layout = [synthetic_triplet(HELD_OUT_SEED + i, card, 64, "layout") for i in range(2)]
-    batch = lambda key: torch.from_numpy(np.stack([t[key] for t in layout])).permute(0, 3, 1, 2).contiguous()  # noqa: E731
+
+    def batch(key):
+        return torch.from_numpy(np.stack([t[key] for t in layout])).permute(0, 3, 1, 2).contiguous()
+
     grey = torch.full((2, 3, 64, 64), 128, dtype=torch.uint8)
     scores = recoloured_scores(pipe, card, 2, 64, 2, 1.0, 0, grey, batch("example_target"), batch("target"))
     assert scores["image_to_depth/colour_rmse_copy_example"] == 0.0
