@@ -12,6 +12,7 @@ from incontext_diffusion.core.trainer import train
 from incontext_diffusion.data.synthscenes import render_scene
 from incontext_diffusion.errors import UserError
 from incontext_diffusion.heads.diff_prompt import commands
+from incontext_diffusion.heads.diff_prompt.head import _as_batch
 from incontext_diffusion.core.tiny import micro_components
 from incontext_diffusion.heads.diff_prompt.pipeline import GroundingPipeline, MaskGenerationPipeline
 from incontext_diffusion.heads.diff_prompt.tiny import tiny_clip_with_backbone_text
@@ -91,7 +92,8 @@ def test_infer_and_eval(chain, tmp_path):
 def test_validation_keeps_the_trainable_parts_trainable(chain, tmp_path):
     """A validation picture must not freeze what the optimiser updates (DiT, the tiny CLIP's vision tower and projections);
     the pre-trained text tower and the image VAE stay frozen."""
-    recipe = load_recipe("diff_prompt_dit-tiny", [*MICRO, f"model.mask_vae={chain['vae']}", f"output_dir={tmp_path}", *micro_dit_overrides(chain["backbone"])])
+    recipe = load_recipe("diff_prompt_dit-tiny", [*MICRO, f"model.mask_vae={chain['vae']}", f"output_dir={tmp_path}", *micro_dit_overrides(chain["backbone"]),
+                                                  "model.train_clip=true"])
     head = load_head(recipe)
     head.build()
     model = head.trainable()
@@ -147,3 +149,23 @@ def test_mask_latents_mode_is_the_posterior_mean(chain, tmp_path):
         losses[choice] = runs
     assert losses["mode"][0] == losses["mode"][1] and losses["sample"][0] == losses["sample"][1]  # the global RNG drives both
     assert losses["mode"][0] != losses["sample"][0]
+
+
+def test_frozen_conditioner_is_encoded_once_with_the_same_loss(chain, tmp_path):
+    """With train_clip false nothing before the DiT trains: the head encodes every expression at build time, and a
+    training step on the pre-encoded batch gives the loss of encoding that batch on the fly."""
+    head = load_head(load_recipe("diff_prompt_dit-tiny", [*MICRO, f"model.mask_vae={chain['vae']}", f"output_dir={tmp_path}",
+                                                          *micro_dit_overrides(chain["backbone"]), "model.train_clip=false"]))
+    head.build()
+    assert len(head.train_dataset()) == len(head.samples) and head.trainable().conditioner is None
+    assert not any(p.requires_grad for p in head.conditioner.parameters())
+    encoded = head.collate(head.train_dataset()[:2])
+    raw = _as_batch(head.samples[:2])  # the on-the-fly batch of the same expressions
+    with torch.no_grad():
+        latents = head.vae.encode(raw["masks"]).latent_dist.mode().contiguous()  # randn_like follows the memory layout
+        features = head.conditioner(raw["images"], raw["texts"])
+    torch.manual_seed(0)
+    expected = head.trainable()(latents, None, None, features)
+    torch.manual_seed(0)
+    assert torch.allclose(head.loss(head.trainable(), encoded, 0), expected, atol=1e-6)
+    assert encoded["image_latents"].shape[1:] == latents.shape[1:] and encoded["text_features"].shape == (2, 16)

@@ -194,7 +194,24 @@ class DiTHead(Head):
         self.scheduler = noise_scheduler(o.num_train_timesteps, o.schedule, o.prediction_type)
         self.model = PromptGeneratorModel(dit, self.scheduler, o.loss, self.conditioner if o.train_clip else None)
         self.samples = [s for s in referring_samples(self) if s.mask is not None]
+        # Nothing before the DiT trains unless train_clip: encode every expression once, not every step.
+        self.encoded = None if o.train_clip else self.encode_samples(self.samples)
         self.validation = held_out_samples(self, 6)
+
+    @torch.no_grad()
+    def encode_samples(self, samples, batch_size: int = 256) -> list[dict]:
+        """Per expression: the frozen Mask-VAE posterior (mean, std) and the frozen conditioner's outputs."""
+        encoded = []
+        for start in track(range(0, len(samples), batch_size), description="encoding expressions", transient=True):
+            batch = _as_batch(samples[start:start + batch_size])
+            posterior = self.vae.encode(batch["masks"].to(self.vae.dtype)).latent_dist
+            image_features, text_features, image_latents = self.conditioner(batch["images"], batch["texts"])
+            for i in range(len(batch["texts"])):
+                item = {"mean": posterior.mean[i].float(), "std": posterior.std[i].float(), "image_features": image_features[i], "text_features": text_features[i]}
+                if image_latents is not None:
+                    item["image_latents"] = image_latents[i]
+                encoded.append(item)
+        return encoded
 
     def trainable(self):
         return self.model
@@ -203,17 +220,22 @@ class DiTHead(Head):
         return [self.vae] + ([] if self.options.train_clip else [self.conditioner])
 
     def train_dataset(self):
-        return self.samples
+        return self.samples if self.encoded is None else self.encoded
 
     def collate(self, samples):
-        return _as_batch(samples)
+        if self.encoded is None:
+            return _as_batch(samples)
+        return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
 
     def loss(self, model, batch, step):
+        if self.encoded is not None:  # pre-encoded; the posterior draw still comes from the global RNG here
+            latents = batch["mean"] + batch["std"] * torch.randn_like(batch["std"]) if self.options.mask_latents == "sample" else batch["mean"]
+            features = (batch["image_features"], batch["text_features"], batch.get("image_latents"))
+            return model(latents, None, None, features)
         with torch.no_grad():
             posterior = self.vae.encode(batch["masks"].to(self.vae.dtype)).latent_dist
             latents = (posterior.sample() if self.options.mask_latents == "sample" else posterior.mode()).float()
-            features = None if self.options.train_clip else self.conditioner(batch["images"], batch["texts"])
-        return model(latents, batch["images"], batch["texts"], features)
+        return model(latents, batch["images"], batch["texts"])
 
     def pipeline(self, model) -> MaskGenerationPipeline:
         return MaskGenerationPipeline(self.vae, model.dit, self.conditioner, self.scheduler)
