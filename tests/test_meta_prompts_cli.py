@@ -11,6 +11,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from incontext_diffusion.cli import app
+from ldm_names import ldm_unet_state
 from incontext_diffusion.core.components import save_components
 from incontext_diffusion.core.head import load_head
 from incontext_diffusion.core.tiny import micro_components
@@ -149,45 +150,6 @@ def test_convert_refuses_a_checkpoint_without_unet_weights(tmp_path, backbone):
     assert not (tmp_path / "out").exists()
 
 
-RESNET_TO_LDM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
-                 "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
-
-
-def ldm_unet_names(unet) -> dict:
-    """A diffusers UNet's weights under ldm's openaimodel names (what the official checkpoints hold)."""
-    per_level = unet.config.layers_per_block
-    out = {}
-    for key, value in unet.state_dict().items():
-        parts = key.split(".")
-        if parts[0] in ("conv_in", "conv_norm_out", "conv_out", "time_embedding"):
-            name = {"conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
-                    "time_embedding": {"linear_1": "time_embed.0", "linear_2": "time_embed.2"}.get(parts[1])}[parts[0]]
-            out[f"{name}.{parts[-1]}"] = value
-            continue
-        if parts[0] == "mid_block":
-            index = 1 if parts[1] == "attentions" else 2 * int(parts[2])
-            rest = parts[3:]
-            block = f"middle_block.{index}"
-        else:
-            level, kind, j, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
-            if parts[0] == "down_blocks":
-                if kind == "downsamplers":
-                    block, rest = f"input_blocks.{(level + 1) * (per_level + 1)}.0", ["op", *rest[1:]]
-                else:
-                    block = f"input_blocks.{1 + level * (per_level + 1) + j}.{1 if kind == 'attentions' else 0}"
-            else:
-                has_attention = hasattr(unet.up_blocks[level], "attentions") and unet.up_blocks[level].attentions is not None
-                if kind == "upsamplers":
-                    block = f"output_blocks.{level * (per_level + 1) + per_level}.{2 if has_attention else 1}"
-                else:
-                    block = f"output_blocks.{level * (per_level + 1) + j}.{1 if kind == 'attentions' else 0}"
-        if kind_is_resnet := (parts[0] != "mid_block" and parts[2] == "resnets") or (parts[0] == "mid_block" and parts[1] == "resnets"):
-            rest = [RESNET_TO_LDM[rest[0]], *rest[1:]]
-        assert kind_is_resnet or rest
-        out[f"{block}.{'.'.join(rest)}"] = value
-    return out
-
-
 def test_convert_official_depth_checkpoint(tmp_path, backbone):
     """A state dict in the official depth naming (UNet in ldm names, no time MLP) becomes a working model folder."""
     from safetensors.torch import save_file
@@ -196,7 +158,7 @@ def test_convert_official_depth_checkpoint(tmp_path, backbone):
     with torch.no_grad():
         for p in source.unet.parameters():
             p.add_(torch.randn_like(p) * 0.1)  # differ from the backbone the converter starts from
-    unet_ldm = {f"encoder.unet.unet.diffusion_model.{k}": v for k, v in ldm_unet_names(source.unet).items() if not k.startswith("time_embed.")}
+    unet_ldm = {f"encoder.unet.unet.diffusion_model.{k}": v for k, v in ldm_unet_state(source.unet).items() if not k.startswith("time_embed.")}
     save_file({**unet_ldm, **official_depth_state(source)}, str(tmp_path / "official.safetensors"))
 
     out = convert_checkpoint(tmp_path / "official.safetensors", tmp_path / "converted", task="depth", backbone=str(backbone), resize_scale=0)

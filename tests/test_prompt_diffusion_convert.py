@@ -11,54 +11,7 @@ from incontext_diffusion.errors import UserError
 from incontext_diffusion.heads.prompt_diffusion.controlnet import PromptDiffusionControlNetModel
 from incontext_diffusion.heads.prompt_diffusion.convert import convert_checkpoint, convert_state, load_state_dict
 from incontext_diffusion.heads.prompt_diffusion.evaluate import load_pipeline
-
-RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
-          "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
-
-
-def ldm_name(key: str, config) -> str:
-    """The ldm name of a diffusers UNet / ControlNet key (the inverse of the spec's table)."""
-    per_level = config.layers_per_block + 1
-    parts = key.split(".")
-    simple = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-              "conv_norm_out": "out.0", "conv_out": "out.2", "controlnet_mid_block": "middle_block_out.0"}
-    head = ".".join(parts[:-1])
-    if head in simple:
-        return f"{simple[head]}.{parts[-1]}"
-    if parts[0] in ("controlnet_cond_embedding", "controlnet_query_cond_embedding"):
-        block = "input_hint_block" if parts[0] == "controlnet_cond_embedding" else "input_cond_block"
-        n_blocks = 2 * (len(config.conditioning_embedding_out_channels) - 1)
-        index = {"conv_in": 0, "conv_out": 2 * n_blocks + 2}.get(parts[1])
-        index = 2 * int(parts[2]) + 2 if index is None else index
-        return f"{block}.{index}.{parts[-1]}"
-    if parts[0] == "controlnet_down_blocks":
-        return f"zero_convs.{parts[1]}.0.{parts[2]}"
-    if parts[0] == "mid_block":
-        index = {"resnets.0": 0, "attentions.0": 1, "resnets.1": 2}[f"{parts[1]}.{parts[2]}"]
-        rest = parts[3:]
-    elif parts[0] in ("down_blocks", "up_blocks"):
-        level, kind, j = int(parts[1]), parts[2], int(parts[3])
-        down = parts[0] == "down_blocks"
-        if kind in ("downsamplers", "upsamplers"):
-            index = 1 + level * per_level + config.layers_per_block if down else level * per_level + config.layers_per_block
-            has_attention = "CrossAttn" in config.up_block_types[level] if not down else False
-            slot = "0.op" if down else ("2.conv" if has_attention else "1.conv")
-            return f"{'input_blocks' if down else 'output_blocks'}.{index}.{slot}.{parts[-1]}"
-        index = (1 + level * per_level + j) if down else level * per_level + j
-        rest = [str(0 if kind == "resnets" else 1), *parts[4:]]
-        return f"{'input_blocks' if down else 'output_blocks'}.{index}.{'.'.join(rename_resnet(rest))}"
-    else:
-        raise AssertionError(f"unexpected key {key}")
-    return f"middle_block.{index}.{'.'.join(rename_resnet(rest))}"
-
-
-def rename_resnet(parts: list[str]) -> list[str]:
-    if len(parts) == 2 and parts[0] in RESNET:
-        return [*RESNET[parts[0]].split("."), parts[1]]
-    if len(parts) == 3 and parts[1] in RESNET:  # ["0", "norm1", "weight"]
-        return [parts[0], *RESNET[parts[1]].split("."), parts[2]]
-    return parts
-
+from ldm_names import ldm_unet_key
 
 class Opaque:
     """An object that only unpickling can rebuild: such a checkpoint is refused without --trust-pickle."""
@@ -81,9 +34,9 @@ def micro(tmp_path_factory):
 
 
 def ldm_checkpoint(components, controlnet) -> dict:
-    state = {"control_model." + ldm_name(k, controlnet.config): v.clone() for k, v in controlnet.state_dict().items()}
+    state = {"control_model." + ldm_unet_key(k, controlnet.config): v.clone() for k, v in controlnet.state_dict().items()}
     unet = {k: v + 1.0 for k, v in components.unet.state_dict().items()}  # the "trained" UNet differs from the base one
-    state |= {"model.diffusion_model." + ldm_name(k, components.unet.config): v for k, v in unet.items()}
+    state |= {"model.diffusion_model." + ldm_unet_key(k, components.unet.config): v for k, v in unet.items()}
     return state, unet
 
 
