@@ -93,7 +93,7 @@ def test_validation_keeps_the_trainable_parts_trainable(chain, tmp_path):
     """A validation picture must not freeze what the optimiser updates (DiT, the tiny CLIP's vision tower and projections);
     the pre-trained text tower and the image VAE stay frozen."""
     recipe = load_recipe("diff_prompt_dit-tiny", [*MICRO, f"model.mask_vae={chain['vae']}", f"output_dir={tmp_path}", *micro_dit_overrides(chain["backbone"]),
-                                                  "model.train_clip=true"])
+                                                  "model.train_clip=true", "model.encode_once=false"])
     head = load_head(recipe)
     head.build()
     model = head.trainable()
@@ -155,7 +155,7 @@ def test_frozen_conditioner_is_encoded_once_with_the_same_loss(chain, tmp_path):
     """With train_clip false nothing before the DiT trains: the head encodes every expression at build time, and a
     training step on the pre-encoded batch gives the loss of encoding that batch on the fly."""
     head = load_head(load_recipe("diff_prompt_dit-tiny", [*MICRO, f"model.mask_vae={chain['vae']}", f"output_dir={tmp_path}",
-                                                          *micro_dit_overrides(chain["backbone"]), "model.train_clip=false"]))
+                                                          *micro_dit_overrides(chain["backbone"]), "model.train_clip=false", "model.encode_once=true"]))
     head.build()
     assert len(head.train_dataset()) == len(head.samples) and head.trainable().conditioner is None
     assert not any(p.requires_grad for p in head.conditioner.parameters())
@@ -169,3 +169,9 @@ def test_frozen_conditioner_is_encoded_once_with_the_same_loss(chain, tmp_path):
     torch.manual_seed(0)
     assert torch.allclose(head.loss(head.trainable(), encoded, 0), expected, atol=1e-6)
     assert encoded["image_latents"].shape[1:] == latents.shape[1:] and encoded["text_features"].shape == (2, 16)
+    head.encoded = None  # the per-step path (encode_once false) gives the same loss
+    torch.manual_seed(0)
+    assert torch.allclose(head.loss(head.trainable(), raw, 0), expected, atol=1e-6)
+    with pytest.raises(UserError, match="encode_once"):
+        load_head(load_recipe("diff_prompt_dit-tiny", [*MICRO, f"model.mask_vae={chain['vae']}", f"output_dir={tmp_path / 'b'}",
+                                                      *micro_dit_overrides(chain["backbone"]), "model.train_clip=true", "model.encode_once=true"])).build()

@@ -123,7 +123,8 @@ class DiTOptions(Options):
     clip: str = "openai/clip-vit-base-patch32"  # hub id / folder, or "tiny" (CLIPModel from config, offline)
     clip_width: int = 64  # tiny CLIP only
     clip_text_from: str | None = None  # tiny CLIP only: a diffusers backbone folder whose pre-trained, frozen text_encoder/ + tokenizer/ become CLIP's text tower
-    train_clip: bool = False  # tiny CLIP only: no pre-trained vision tower exists, so the untrained parts learn with the DiT (documented deviation)
+    train_clip: bool = False  # tiny CLIP only: no pre-trained vision tower exists, so the untrained parts may learn with the DiT (documented deviation)
+    encode_once: bool = False  # with train_clip false: encode every training expression once at build time (small data sets; one process)
     image_latents_from: str | None = None  # a folder with vae/: its frozen latent of the image is concatenated to the DiT input (spatial condition)
     prediction_type: str = Field("epsilon", pattern="^(epsilon|v_prediction)$")
     mask_latents: str = Field("sample", pattern="^(sample|mode)$")  # the paper samples the Mask-VAE posterior; "mode" takes its mean
@@ -194,8 +195,10 @@ class DiTHead(Head):
         self.scheduler = noise_scheduler(o.num_train_timesteps, o.schedule, o.prediction_type)
         self.model = PromptGeneratorModel(dit, self.scheduler, o.loss, self.conditioner if o.train_clip else None)
         self.samples = [s for s in referring_samples(self) if s.mask is not None]
-        # Nothing before the DiT trains unless train_clip: encode every expression once, not every step.
-        self.encoded = None if o.train_clip else self.encode_samples(self.samples)
+        if o.encode_once and o.train_clip:
+            raise UserError("model.encode_once needs a frozen conditioner: set model.train_clip: false, or encode_once: false")
+        # Nothing before the DiT trains: encode every expression once, not every step.
+        self.encoded = self.encode_samples(self.samples) if o.encode_once else None
         self.validation = held_out_samples(self, 6)
 
     @torch.no_grad()
@@ -234,8 +237,10 @@ class DiTHead(Head):
             return model(latents, None, None, features)
         with torch.no_grad():
             posterior = self.vae.encode(batch["masks"].to(self.vae.dtype)).latent_dist
-            latents = (posterior.sample() if self.options.mask_latents == "sample" else posterior.mode()).float()
-        return model(latents, batch["images"], batch["texts"])
+            # contiguous: randn_like follows the memory layout, and the pre-encoded path must draw the same noise
+            latents = (posterior.sample() if self.options.mask_latents == "sample" else posterior.mode()).float().contiguous()
+            features = None if self.options.train_clip else self.conditioner(batch["images"], batch["texts"])
+        return model(latents, batch["images"], batch["texts"], features)
 
     def pipeline(self, model) -> MaskGenerationPipeline:
         return MaskGenerationPipeline(self.vae, model.dit, self.conditioner, self.scheduler)
