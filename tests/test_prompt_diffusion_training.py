@@ -10,7 +10,7 @@ from incontext_diffusion.core.tiny import micro_components
 from incontext_diffusion.errors import UserError
 from incontext_diffusion.heads.prompt_diffusion.controlnet import PromptDiffusionControlNetModel
 from incontext_diffusion.heads.prompt_diffusion.data import SyntheticTriplets, as_tensors
-from incontext_diffusion.heads.prompt_diffusion.head import PromptDiffusionModel, PromptDiffusionOptions, draw_condition_dropout
+from incontext_diffusion.heads.prompt_diffusion.head import PromptDiffusionHead, PromptDiffusionModel, PromptDiffusionOptions, draw_condition_dropout
 from incontext_diffusion.recipes import load_recipe, load_task, validate
 
 torch.set_num_threads(2)
@@ -53,6 +53,18 @@ def test_only_the_controlnet_and_optionally_the_unet_decoder_get_gradients(tmp_p
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert any(n.startswith("unet.up_blocks.") for n in trainable) == decoder
     assert not any(n.startswith("unet.down_blocks.") for n in trainable)
+
+
+@pytest.mark.parametrize("controlnet_lr", [None, 1e-3])
+def test_parameter_groups_give_the_controlnet_its_own_learning_rate(tmp_path, controlnet_lr):
+    components, model = build(tmp_path, train_unet_decoder=True, controlnet_learning_rate=controlnet_lr)
+    head = object.__new__(PromptDiffusionHead)  # parameter_groups reads only the options
+    head.options = model.options
+    groups = head.parameter_groups(model, 3e-4)
+    assert [g["lr"] for g in groups] == [controlnet_lr or 3e-4, 3e-4]
+    assert {id(p) for p in groups[0]["params"]} == {id(p) for p in model.controlnet.parameters()}
+    decoder = [p for n, p in components.unet.named_parameters() if n.startswith(("up_blocks.", "conv_norm_out.", "conv_out."))]
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in decoder}
 
 
 def test_condition_dropout_rates_follow_the_paper():

@@ -48,6 +48,9 @@ class PromptDiffusionOptions(BaseModel):
     both_dropout: float = Field(0.05, ge=0, le=1)  # text and pair dropped together
     conditioning_embedding_out_channels: list[int] | None = None  # default: SD's, cut to the VAE factor
     controlnet: str | None = None  # start from an existing PromptDiffusionControlNetModel folder
+    # The ControlNet's own learning rate (default: train.learning_rate). Its zero convolutions and the
+    # last convolutions of the hint encoders start at zero and grow slowly at the backbone's rate.
+    controlnet_learning_rate: float | None = Field(None, gt=0)
     validation_steps: int = Field(20, ge=1)
     guidance_scale: float = Field(9.0, ge=1)
 
@@ -182,6 +185,14 @@ class PromptDiffusionHead(Head):
 
     def train_dataset(self):
         return self.dataset
+
+    def parameter_groups(self, model: PromptDiffusionModel, learning_rate: float) -> list[dict]:
+        """The ControlNet at `controlnet_learning_rate` when set; the decoders at the recipe's rate."""
+        controlnet = [p for p in model.controlnet.parameters() if p.requires_grad]
+        ids = {id(p) for p in controlnet}
+        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+        groups = [{"params": controlnet, "lr": self.options.controlnet_learning_rate or learning_rate}]
+        return groups + ([{"params": rest, "lr": learning_rate}] if rest else [])
 
     def tokenize(self, captions: list[str]) -> torch.Tensor:
         return token_ids(self.components.tokenizer, captions)
