@@ -51,7 +51,7 @@ def bare_run(steps: int) -> None:
     torch.manual_seed(head.recipe.seed)
     head.build()
     model, cfg = head.trainable(), head.recipe.train
-    optimizer = make_optimizer(head.parameter_groups(model, cfg.learning_rate), cfg, torch.device("cpu"))
+    optimizer = make_optimizer(head.parameter_groups(model, cfg.learning_rate), cfg)
     loader = torch.utils.data.DataLoader(head.train_dataset(), batch_size=cfg.batch_size, shuffle=True, drop_last=True, collate_fn=head.collate)
     step = 0
     while step < steps:

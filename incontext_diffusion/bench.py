@@ -180,7 +180,7 @@ def run_case(name: str, size: str = "tiny", device: str = "cpu", dtype: str = "f
         place_frozen(head.frozen(), torch_device, half)
         if cfg.gradient_checkpointing:
             head.enable_gradient_checkpointing()
-        optimizer = make_optimizer(head.parameter_groups(model, cfg.learning_rate), cfg, torch_device)
+        optimizer = make_optimizer(head.parameter_groups(model, cfg.learning_rate), cfg)
         model.train()
 
         def run():

@@ -71,7 +71,7 @@ def optimise(optimizer_name: str, steps: int = 10) -> torch.Tensor:
     torch.manual_seed(0)
     weight = torch.nn.Parameter(torch.randn(64, 128))  # 8192 elements: bitsandbytes keeps >= 4096 in 8 bits
     target = torch.randn(64, 128, generator=torch.Generator().manual_seed(1))
-    optimizer = make_optimizer([{"params": [weight]}], TrainConfig(optimizer=optimizer_name, learning_rate=1e-2), torch.device("cpu"))
+    optimizer = make_optimizer([{"params": [weight]}], TrainConfig(optimizer=optimizer_name, learning_rate=1e-2))
     for _ in range(steps):
         (weight - target).square().sum().backward()
         optimizer.step()

@@ -31,7 +31,7 @@ from .head import Head
 MAX_SKIPPED_IN_A_ROW = 10  # with train.on_nan=skip: a run that only produces NaN stops anyway
 
 
-def make_optimizer(params: list[dict], recipe_train, device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(params: list[dict], recipe_train) -> torch.optim.Optimizer:
     """AdamW as `train.optimizer` asks: PyTorch's (multi-tensor or fused) or bitsandbytes' 8-bit one."""
     kwargs = dict(
         lr=recipe_train.learning_rate,
@@ -127,7 +127,7 @@ def train(head: Head, resume: str | None = None) -> Path:
     if cfg.gradient_checkpointing:
         head.enable_gradient_checkpointing()
     apply_fast_paths([model, *head.frozen()], cfg)
-    optimizer = make_optimizer(head.parameter_groups(model, cfg.learning_rate), cfg, accelerator.device)
+    optimizer = make_optimizer(head.parameter_groups(model, cfg.learning_rate), cfg)
     # The prepared scheduler steps once per process, so its horizon is scaled likewise (diffusers PR #8312).
     head_factor = head.lr_lambda(cfg.max_steps)
     if head_factor is not None:
