@@ -118,6 +118,27 @@ def test_condition_reaches_the_dit(chain):
     assert pipe.conditioner.image_latents(images).shape[-2:] == base.shape[-2:]  # the image latent is on the mask latent's grid
 
 
+def test_image_pixels_follow_the_image_latent_and_survive_export(chain, tmp_path):
+    """model.image_pixels: the spatial condition is [image latent ; the pixels, space-to-depth onto its grid], and the
+    exported pipeline rebuilds it from the DiT's config."""
+    import torch.nn.functional as F
+
+    folder = run_recipe("diff_prompt_dit-tiny", tmp_path / "dit", f"model.mask_vae={chain['vae']}", "model.patch_size=4",
+                        *micro_dit_overrides(chain["backbone"]), "model.image_pixels=true")
+    pipe = MaskGenerationPipeline.from_pretrained(folder)
+    images = torch.rand(2, 3, 64, 64) * 2 - 1  # the size the x4 micro VAE turns into the 16x16 mask-latent grid: no resize
+    condition = pipe.conditioner.image_latents(images)
+    latent_channels = pipe.conditioner.image_vae.config.latent_channels
+    assert pipe.dit.config.image_channels == latent_channels + 3 * 4 * 4 == condition.shape[1]  # the x4 micro VAE: 4x4 pixels per cell
+    assert torch.equal(condition[:, latent_channels:], F.pixel_unshuffle(images, 4))
+    assert torch.equal(condition[:, :latent_channels], MaskGenerationPipeline.from_pretrained(chain["dit"]).conditioner.image_latents(images))
+    assert pipe(images[..., ::2, ::2], ["the cube", "the red sphere"], 4, torch.Generator().manual_seed(0)).masks.shape == (2, 1, 32, 32)
+    with pytest.raises(UserError, match="image_latents_from"):
+        load_head(load_recipe("diff_prompt_dit-tiny", [*MICRO, f"model.mask_vae={chain['vae']}", f"output_dir={tmp_path / 'bad'}",
+                                                       *micro_dit_overrides(chain["backbone"]), "model.image_latents_from=null",
+                                                       "model.image_pixels=true"])).build()
+
+
 def test_backbone_text_tower_is_copied(tmp_path):
     backbone, parts = micro_backbone(tmp_path / "backbone")
     clip, tokenizer = tiny_clip_with_backbone_text(backbone, projection_dim=16, image_size=32, width=16)

@@ -10,6 +10,9 @@ Optional spatial image condition (`image_channels` > 0, a toolkit addition): a p
 vector cannot say WHERE the referred object is, so an image latent on the mask latent's grid (from
 a frozen image VAE) can be concatenated to the DiT input, as image-conditioned diffusion models
 (e.g. InstructPix2Pix) do; the text vector then selects, through adaLN, which of its regions to draw.
+With `image_pixels` the image's own pixels follow the latent channels, moved onto the same grid by
+space-to-depth (`pixel_unshuffle`): a small object's colour and outline survive there better than in a
+4-channel latent.
 
 `ClipConditioner` is the one CLIP preprocessing used by stages 2 and 3 (bug 4 of the official code
 fixed): images in [-1, 1] are resized to CLIP's input size and normalised with CLIP's mean and std.
@@ -26,6 +29,8 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
+
+from ...errors import UserError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -111,7 +116,9 @@ class MaskDiT(ModelMixin, ConfigMixin):
 
     `forward(latents, timesteps, image_features, text_features, image_latents=None)` -> (B, out_channels, H, W);
     both features have `hidden_size` dims (CLIP's projection_dim must equal it: they are added to t);
-    `image_latents` (B, image_channels, H, W) is required exactly when `image_channels` > 0.
+    `image_latents` (B, image_channels, H, W) is required exactly when `image_channels` > 0;
+    `image_pixels` records that its last channels are the image's pixels (space-to-depth), which
+    `ClipConditioner` then appends.
     """
 
     @register_to_config
@@ -126,6 +133,7 @@ class MaskDiT(ModelMixin, ConfigMixin):
         mlp_ratio: float = 4.0,
         learn_sigma: bool = True,
         image_channels: int = 0,
+        image_pixels: bool = False,
     ):
         super().__init__()
         if input_size % patch_size:
@@ -180,12 +188,14 @@ class MaskDiT(ModelMixin, ConfigMixin):
 class ClipConditioner(nn.Module):
     """CLIP image and text features (and, with `image_vae`, the image latent) for the DiT: one
     preprocessing for training and stage 3. `image_vae_size` is the pixel size that the image VAE
-    turns into the DiT's latent grid."""
+    turns into the DiT's latent grid; `image_pixels` appends those pixels, space-to-depth, to the latent."""
 
-    def __init__(self, clip, tokenizer, image_vae=None, image_vae_size: int | None = None):
+    def __init__(self, clip, tokenizer, image_vae=None, image_vae_size: int | None = None, image_pixels: bool = False):
         super().__init__()
+        if image_pixels and image_vae is None:
+            raise UserError("image_pixels puts the pixels beside the image latent: set model.image_latents_from too")
         self.clip, self.tokenizer = clip, tokenizer
-        self.image_vae, self.image_vae_size = image_vae, image_vae_size
+        self.image_vae, self.image_vae_size, self.image_pixels = image_vae, image_vae_size, image_pixels
         self.image_size = clip.config.vision_config.image_size
         self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
@@ -202,13 +212,17 @@ class ClipConditioner(nn.Module):
 
     @torch.no_grad()
     def image_latents(self, images: torch.Tensor) -> torch.Tensor | None:
-        """The frozen image VAE's latent (posterior mode, scaled) on the DiT's grid, or None without an image VAE."""
+        """The frozen image VAE's latent (posterior mode, scaled) on the DiT's grid, then with `image_pixels` the
+        pixels it was encoded from (space-to-depth onto that grid), or None without an image VAE."""
         if self.image_vae is None:
             return None
         size = (self.image_vae_size, self.image_vae_size)
         images = F.interpolate(images.float(), size=size, mode="bilinear", align_corners=False, antialias=True) if images.shape[-2:] != size else images
-        latents = self.image_vae.encode(images.clamp(-1, 1).to(self.image_vae.dtype)).latent_dist.mode()
-        return latents.float() * self.image_vae.config.scaling_factor
+        images = images.clamp(-1, 1)
+        latents = self.image_vae.encode(images.to(self.image_vae.dtype)).latent_dist.mode().float() * self.image_vae.config.scaling_factor
+        if not self.image_pixels:
+            return latents
+        return torch.cat([latents, F.pixel_unshuffle(images.float(), self.image_vae_size // latents.shape[-1])], dim=1)
 
     def forward(self, images: torch.Tensor, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(image features, text features, image latents or None)."""

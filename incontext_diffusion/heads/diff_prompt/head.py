@@ -126,6 +126,7 @@ class DiTOptions(Options):
     train_clip: bool = False  # tiny CLIP only: no pre-trained vision tower exists, so the untrained parts may learn with the DiT (documented deviation)
     encode_once: bool = False  # with train_clip false: encode every training expression once at build time (small data sets; one process)
     image_latents_from: str | None = None  # a folder with vae/: its frozen latent of the image is concatenated to the DiT input (spatial condition)
+    image_pixels: bool = False  # with image_latents_from: the image's pixels too, space-to-depth onto the latent grid
     prediction_type: str = Field("epsilon", pattern="^(epsilon|v_prediction)$")
     mask_latents: str = Field("sample", pattern="^(sample|mode)$")  # the paper samples the Mask-VAE posterior; "mode" takes its mean
     hidden_size: int = 512
@@ -187,11 +188,14 @@ class DiTHead(Head):
         latent_size = size // 2 ** (len(self.vae.config.block_out_channels) - 1)
         image_vae = _image_vae(o.image_latents_from) if o.image_latents_from else None
         image_vae_size = latent_size * 2 ** (len(image_vae.config.block_out_channels) - 1) if image_vae else None
-        self.conditioner = ClipConditioner(clip, tokenizer, image_vae, image_vae_size)
+        self.conditioner = ClipConditioner(clip, tokenizer, image_vae, image_vae_size, o.image_pixels)
         if not o.train_clip:
             self.conditioner.eval().requires_grad_(False)
         image_channels = image_vae.config.latent_channels if image_vae else 0
-        dit = MaskDiT(latent_size, o.patch_size, self.vae.config.latent_channels, o.hidden_size, o.depth, o.num_heads, o.mlp_ratio, o.learn_sigma, image_channels)
+        if o.image_pixels:
+            image_channels += 3 * (image_vae_size // latent_size) ** 2
+        dit = MaskDiT(latent_size, o.patch_size, self.vae.config.latent_channels, o.hidden_size, o.depth, o.num_heads, o.mlp_ratio, o.learn_sigma,
+                      image_channels, o.image_pixels)
         self.scheduler = noise_scheduler(o.num_train_timesteps, o.schedule, o.prediction_type)
         self.model = PromptGeneratorModel(dit, self.scheduler, o.loss, self.conditioner if o.train_clip else None)
         self.samples = [s for s in referring_samples(self) if s.mask is not None]

@@ -61,7 +61,7 @@ class MaskGenerationPipeline:
         image_vae = AutoencoderKL.from_pretrained(str(folder / "image_vae")) if (folder / "image_vae").is_dir() else None
         image_vae_size = dit.config.input_size * 2 ** (len(image_vae.config.block_out_channels) - 1) if image_vae else None
         clip = CLIPModel.from_pretrained(str(folder / "clip"))
-        conditioner = ClipConditioner(clip, CLIPTokenizer.from_pretrained(str(folder / "clip")), image_vae, image_vae_size)
+        conditioner = ClipConditioner(clip, CLIPTokenizer.from_pretrained(str(folder / "clip")), image_vae, image_vae_size, dit.config.image_pixels)
         parts = [AutoencoderKL.from_pretrained(str(folder / "mask_vae")), dit, conditioner]
         for module in parts:  # inference (and stage 3) only: frozen
             module.eval().requires_grad_(False)
