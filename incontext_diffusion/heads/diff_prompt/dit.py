@@ -200,6 +200,14 @@ class ClipConditioner(nn.Module):
         self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
 
+    @property
+    def image_channels(self) -> int:
+        """Channels of `image_latents`: the image VAE's latent, then 3 per pixel of a latent cell with `image_pixels`."""
+        if self.image_vae is None:
+            return 0
+        pixels_per_side = 2 ** (len(self.image_vae.config.block_out_channels) - 1)
+        return self.image_vae.config.latent_channels + (3 * pixels_per_side**2 if self.image_pixels else 0)
+
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         max_length = min(self.tokenizer.model_max_length, self.clip.config.text_config.max_position_embeddings)
         tokens = self.tokenizer([t.lower() for t in texts], padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")

@@ -191,11 +191,8 @@ class DiTHead(Head):
         self.conditioner = ClipConditioner(clip, tokenizer, image_vae, image_vae_size, o.image_pixels)
         if not o.train_clip:
             self.conditioner.eval().requires_grad_(False)
-        image_channels = image_vae.config.latent_channels if image_vae else 0
-        if o.image_pixels:
-            image_channels += 3 * (image_vae_size // latent_size) ** 2
         dit = MaskDiT(latent_size, o.patch_size, self.vae.config.latent_channels, o.hidden_size, o.depth, o.num_heads, o.mlp_ratio, o.learn_sigma,
-                      image_channels, o.image_pixels)
+                      self.conditioner.image_channels, o.image_pixels)
         self.scheduler = noise_scheduler(o.num_train_timesteps, o.schedule, o.prediction_type)
         self.model = PromptGeneratorModel(dit, self.scheduler, o.loss, self.conditioner if o.train_clip else None)
         self.samples = [s for s in referring_samples(self) if s.mask is not None]
