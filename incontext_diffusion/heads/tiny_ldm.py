@@ -1,7 +1,8 @@
 """The embedded tiny text-to-image backbone, trained from scratch on synthetic scenes.
 
 Two stages in one run (`model.vae_steps` splits them): first the VAE learns to reconstruct the
-scenes (MSE + a small KL term); then, with the VAE frozen, the UNet and the CLIP text encoder learn
+scenes *and their maps* (depth, edges, semantic colours, normals, canny; MSE + a small KL term), as
+SD's VAE reproduces such maps, so that the heads that generate or read maps can use it; then, with the VAE frozen, the UNet and the CLIP text encoder learn
 eps-prediction on the scaled latents, with 10% empty captions so that classifier-free guidance
 works. The export is a plain `StableDiffusionPipeline` folder: this is what `backbone: tiny` loads.
 """
@@ -21,9 +22,12 @@ from ..core import tiny
 from ..core.components import Components, load_components, text_to_image_pipeline, token_ids
 from ..core.head import Head
 from ..core.images import make_grid, save_image, to_pil
-from ..data.synthscenes import COLOURS, FLOOR_RGB, SHAPES, SIZES, WALL_RGB, SynthScenesDataset, caption_vocabulary
+from ..data.annotators import synthetic_map
+from ..data.synthscenes import COLOURS, FLOOR_RGB, SHAPES, SIZES, WALL_RGB, SynthScenesDataset, caption_vocabulary, render_scene
 
 VALIDATION_CAPTIONS = [f"a large {colour} {shape}" for colour, shape in zip(COLOURS, SHAPES * 3)]
+# What the VAE learns to reproduce; "image" is the scene itself, the rest are the heads' maps.
+VAE_MODALITIES = ("image", "depth", "hed", "seg", "normal", "canny")
 
 
 def image_tensor(rgb: np.ndarray) -> torch.Tensor:
@@ -36,6 +40,8 @@ class TinyLDMOptions(BaseModel):
     scale: str = Field("tiny", pattern="^(tiny|micro)$")  # micro: the same structure, a few thousand parameters
     vae_steps: int = Field(1500, ge=0)  # optimiser steps of stage 1 (VAE); the rest train UNet + text encoder
     kl_weight: float = Field(1e-6, ge=0)
+    # Share of VAE samples that are scenes; the rest are the maps, in equal shares.
+    vae_image_share: float = Field(0.3, ge=0, le=1)
     caption_dropout: float = Field(0.1, ge=0, le=1)  # empty caption, for classifier-free guidance
     validation_steps: int = Field(20, ge=1)  # DDIM steps of the validation samples
     guidance_scale: float = Field(4.0, ge=1)
@@ -53,11 +59,18 @@ class TinyLDM(torch.nn.Module):
         self.register_buffer("latent_scale", torch.zeros(()))
         self.register_buffer("empty_ids", empty_ids, persistent=False)
 
-    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, step: int) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, maps: torch.Tensor, step: int) -> torch.Tensor:
         if step < self.options.vae_steps:
-            posterior = self.vae.encode(images).latent_dist
+            # maps: B x M x 3 x H x W (the scene's maps, in [-1, 1]); each sample is the scene or one of
+            # its maps, drawn here in step order (not in the loader) so a resumed run draws the same.
+            share = self.options.vae_image_share
+            weights = torch.tensor([share] + [(1 - share) / maps.shape[1]] * maps.shape[1], device=images.device)
+            pick = torch.multinomial(weights, images.shape[0], replacement=True)
+            candidates = torch.cat([images[:, None], maps], dim=1)  # B x (1+M) x 3 x H x W
+            inputs = candidates[torch.arange(images.shape[0], device=images.device), pick]
+            posterior = self.vae.encode(inputs).latent_dist
             reconstruction = self.vae.decode(posterior.sample()).sample
-            return F.mse_loss(reconstruction, images) + self.options.kl_weight * posterior.kl().mean()
+            return F.mse_loss(reconstruction, inputs) + self.options.kl_weight * posterior.kl().mean()
         with torch.no_grad():
             latents = self.vae.encode(images).latent_dist.sample()
             if self.latent_scale == 0:
@@ -89,8 +102,12 @@ class TinyLDMHead(Head):
         self.model = TinyLDM(self.components, self.options, self.tokenize([""]))
         data = self.recipe.data
         scenes = SynthScenesDataset(data.num_samples, size=data.size, seed=data.seed, min_objects=data.min_objects, max_objects=data.max_objects)
-        # Rendered once up front: a step then costs the model alone, and every epoch sees the same images.
-        self.dataset = [(image_tensor(s.rgb), s.caption) for s in track(scenes, description="rendering scenes", transient=True)]
+        # Rendered once up front (maps as uint8, a sixth of the float size): a step then costs the
+        # model alone, and every epoch sees the same images.
+        self.dataset = [
+            (image_tensor(s.rgb), s.caption, torch.from_numpy(np.stack([synthetic_map(s, m) for m in VAE_MODALITIES[1:]])).permute(0, 3, 1, 2))
+            for s in track(scenes, description="rendering scenes", transient=True)
+        ]
 
     def trainable(self) -> torch.nn.Module:
         return self.model
@@ -98,14 +115,18 @@ class TinyLDMHead(Head):
     def train_dataset(self) -> torch.utils.data.Dataset:
         return self.dataset
 
-    def collate(self, samples: list[tuple[torch.Tensor, str]]) -> dict:
-        return {"images": torch.stack([image for image, _ in samples]), "input_ids": self.tokenize([caption for _, caption in samples])}
+    def collate(self, samples: list[tuple[torch.Tensor, str, torch.Tensor]]) -> dict:
+        return {
+            "images": torch.stack([image for image, _, _ in samples]),
+            "input_ids": self.tokenize([caption for _, caption, _ in samples]),
+            "maps": torch.stack([maps for _, _, maps in samples]).float() / 127.5 - 1,
+        }
 
     def tokenize(self, captions: list[str]) -> torch.Tensor:
         return token_ids(self.components.tokenizer, captions)
 
     def loss(self, model: torch.nn.Module, batch: dict, step: int) -> torch.Tensor:
-        return model(batch["images"], batch["input_ids"], step)
+        return model(batch["images"], batch["input_ids"], batch["maps"], step)
 
     def pipeline(self, model: TinyLDM) -> StableDiffusionPipeline:
         # `model` holds the components' own modules, so the pipeline sees the trained weights.
@@ -115,9 +136,11 @@ class TinyLDMHead(Head):
     @torch.no_grad()
     def validate(self, model: TinyLDM, step: int):
         if step <= self.options.vae_steps or model.latent_scale == 0:
-            images = torch.stack([image for image, _ in self.dataset[:4]]).to(model.latent_scale.device)
-            reconstruction = model.vae.decode(model.vae.encode(images).latent_dist.mode()).sample
-            return make_grid([[to_pil(x) for x in images], [to_pil(x) for x in reconstruction]])
+            # One scene per column group: the scene and each of its maps, then their reconstructions.
+            image, _, maps = self.dataset[0]
+            inputs = torch.cat([image[None], maps.float() / 127.5 - 1]).to(model.latent_scale.device)
+            reconstruction = model.vae.decode(model.vae.encode(inputs).latent_dist.mode()).sample
+            return make_grid([[to_pil(x) for x in inputs], [to_pil(x) for x in reconstruction]], labels=[*VAE_MODALITIES, *(f"{m} (VAE)" for m in VAE_MODALITIES)])
         pipe = self.pipeline(model)
         generator = torch.Generator().manual_seed(0)
         output = pipe(VALIDATION_CAPTIONS, num_inference_steps=self.options.validation_steps, guidance_scale=self.options.guidance_scale, generator=generator)
@@ -164,6 +187,21 @@ def evaluate_text_to_image(model_dir: Path, num_samples: int = 64, steps: int = 
     """`icd eval` for a text-to-image model trained on synthetic scenes: colour agreement."""
     agreement = colour_agreement(load_pipeline(model_dir), n=num_samples, steps=steps, guidance_scale=guidance, seed=seed)
     return {"colour_agreement": agreement, "num_samples": num_samples, "steps": steps, "guidance_scale": guidance}
+
+
+@torch.no_grad()
+def vae_reconstruction_rmse(vae: torch.nn.Module, num_scenes: int = 100, size: int = 64, seed: int = 1_000_000) -> dict[str, float]:
+    """Encode -> decode RMSE (pixels / 255, posterior mode) of held-out scenes and each of their maps."""
+    errors: dict[str, list[float]] = {m: [] for m in VAE_MODALITIES}
+    for index in track(range(num_scenes), description="VAE reconstruction", transient=True):
+        scene = render_scene(seed + index, size=size, min_objects=1, max_objects=2)
+        inputs = torch.stack([image_tensor(synthetic_map(scene, m)) for m in VAE_MODALITIES])
+        reconstruction = vae.decode(vae.encode(inputs).latent_dist.mode()).sample.clamp(-1, 1)
+        # Round to uint8 as a saved map would be, then compare on [0, 1].
+        squared = (((reconstruction + 1) * 127.5).round() / 255 - (inputs + 1) / 2) ** 2
+        for modality, error in zip(VAE_MODALITIES, squared.mean(dim=(1, 2, 3))):
+            errors[modality].append(float(error))
+    return {m: float(np.sqrt(np.mean(e))) for m, e in errors.items()}
 
 
 def one_object_captions(n: int) -> list[str]:

@@ -1,0 +1,49 @@
+"""The one reader of an exported model folder: `model_index.json` and the recipe that trained it.
+
+`icd infer`, `icd eval`, the app and `load_pipeline` all read a folder through `read_model_folder`,
+so a broken or foreign folder gets the same one-line error everywhere, and recipe settings come
+back validated (with the recipe schema's defaults) instead of as raw YAML.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from ..errors import UserError
+from ..recipes import Recipe, validate
+
+
+@dataclass
+class ModelFolder:
+    """What an exported folder says about itself."""
+
+    path: Path
+    class_name: str  # model_index.json's `_class_name`: which pipeline loads the folder
+    index: dict  # the whole model_index.json (pipeline config: components and inference defaults)
+    recipe: Recipe | None  # the recipe that trained it (recipe.yaml); None for folders made elsewhere
+
+
+def read_model_folder(path: str | Path) -> ModelFolder:
+    path = Path(path)
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise UserError(f"{path} is not an exported model folder (no model_index.json): pass RUN_DIR/model of a training run or a folder under assets/")
+    try:
+        index = json.loads(index_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{index_file} is not valid JSON ({err}): re-export the model or restore the file") from None
+    if not isinstance(index, dict) or not isinstance(index.get("_class_name"), str):
+        raise UserError(f"{index_file} names no pipeline class (`_class_name`): re-export the model or restore the file")
+    recipe = None
+    recipe_file = path / "recipe.yaml"
+    if recipe_file.is_file():
+        try:
+            data = yaml.safe_load(recipe_file.read_text())
+        except yaml.YAMLError as err:
+            raise UserError(f"{recipe_file} is not valid YAML ({str(err).splitlines()[0]}): re-export the model or restore the file") from None
+        recipe = validate(Recipe, data or {}, str(recipe_file))
+    return ModelFolder(path, index["_class_name"], index, recipe)
