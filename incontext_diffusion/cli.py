@@ -65,31 +65,59 @@ def train(
 # ----------------------------------------------------------------------------------- infer, eval
 @dataclass
 class InferOptions:
-    """Everything `icd infer` accepts; each model kind uses what it needs and names what is missing."""
+    """Everything `icd infer` accepts; each model kind uses what it needs and names what is missing.
+
+    None (or empty / False) means "not given": the model's exported defaults apply. A handler calls
+    `refuse_unused(uses, kind)` first, so a flag its model does not read is refused, never ignored.
+    """
 
     model: Path
-    out: Path
+    out: Path | None = None  # None: the handler's default (outputs/infer.png or outputs/infer/)
     prompt: str | None = None
     example: tuple[Path, Path] | None = None
     query: Path | None = None
-    images: list[Path] = field(default_factory=list)
+    images: list[Path] = field(default_factory=list)  # files, folders or globs: core.images.expand_image_inputs
     grid: bool = False
     steps: int | None = None
     guidance: float | None = None
     seed: int = 0
-    num_images: int = 1
+    num_images: int | None = None
+    height: int | None = None
+    width: int | None = None
+    processing_resolution: int | None = None
+    tta: bool | None = None
+    batch_size: int | None = None
+    device: str | None = None
+    dtype: str | None = None
+
+    def refuse_unused(self, uses: set[str], kind: str) -> None:
+        """One line naming the first flag given that a `kind` model does not read."""
+        for name, value in vars(self).items():
+            if name in ("model", "seed") or name in uses:
+                continue
+            if value not in (None, False, [], ()):
+                flag = "--image" if name == "images" else "--" + name.replace("_", "-")
+                raise UserError(f"{flag} is not used by a {kind} model: drop it (this model reads {', '.join(sorted(uses)) or 'no options'})")
 
 
 @dataclass
 class EvalOptions:
+    """Everything `icd eval` accepts; None means the model's exported defaults."""
+
     model: Path
     out: Path
     data: Path | None = None
     tasks: list[str] = field(default_factory=list)
     num_samples: int = 100
     steps: int | None = None
+    guidance: float | None = None
     seed: int = 0
     inception_weights: Path | None = None
+    protocol: str | None = None  # paper | fast (Meta-Prompts: the official TTA, or one pass)
+    scales: list[float] = field(default_factory=list)  # multi-scale test (segmentation)
+    batch_size: int | None = None
+    device: str | None = None
+    dtype: str | None = None
 
 
 # Pipeline class name (model_index.json's `_class_name`) -> handler(options). Heads add theirs in
@@ -124,38 +152,61 @@ def _handler(table: dict, model: Path, verb: str) -> Callable:
 
 @app.command()
 def infer(
-    model: Path = typer.Option(..., "--model", "-m", help="An exported model folder (e.g. assets/tiny-ldm or runs/NAME/model)."),
-    out: Path = typer.Option(Path("outputs/infer.png"), "--out", "-o", help="Output file (PNG) or folder, by model kind."),
+    model: str = typer.Option(..., "--model", "-m", help="An exported model folder (runs/NAME/model) or a shipped model's name (e.g. tiny-ldm)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (PNG) or folder (default: outputs/infer.png, or outputs/infer/ for several inputs)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "--text", "-p", help="Text prompt or referring expression."),
     example: Optional[tuple[Path, Path]] = typer.Option(None, "--example", help="In-context example pair: SOURCE TARGET."),
     query: Optional[Path] = typer.Option(None, "--query", help="In-context query image."),
-    image: list[Path] = typer.Option([], "--image", "-i", help="Input image(s) or a folder (repeatable)."),
+    image: list[str] = typer.Option([], "--image", "-i", help="Input image: a file, a folder or a glob (repeatable)."),
     grid: bool = typer.Option(False, "--grid", help="Also write a panel of the inputs and the output."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Denoising steps (default: the model's)."),
-    guidance: Optional[float] = typer.Option(None, "--guidance", min=1.0, help="Classifier-free guidance scale."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", min=1.0, help="Classifier-free guidance scale (default: the model's)."),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
-    num_images: int = typer.Option(1, "--num-images", min=1, help="Images to generate (a grid when > 1)."),
+    num_images: Optional[int] = typer.Option(None, "--num-images", min=1, help="Images to generate (a grid when > 1)."),
+    height: Optional[int] = typer.Option(None, "--height", min=8, help="Output height (default: the model's, or the query's)."),
+    width: Optional[int] = typer.Option(None, "--width", min=8, help="Output width (default: the model's, or the query's)."),
+    processing_resolution: Optional[int] = typer.Option(None, "--processing-resolution", min=8, help="Side the model sees (default: its training size); outputs come back at the input's size."),
+    tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="Test-time augmentation (default: the model's)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Inputs per pipeline call."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1, ... (default: CUDA when present)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32, bf16 or fp16 (default: fp32)."),
 ) -> None:
     """Run a trained model on your inputs and write the result."""
-    options = InferOptions(model, out, prompt, example, query, list(image), grid, steps, guidance, seed, num_images)
-    _handler(INFER_HANDLERS, model, "infer")(options)
+    from .core.model_folder import resolve_model
+
+    options = InferOptions(resolve_model(model), out, prompt, example, query, [Path(i) for i in image], grid, steps, guidance, seed, num_images,
+                           height, width, processing_resolution, tta, batch_size, device, dtype)
+    _handler(INFER_HANDLERS, options.model, "infer")(options)
 
 
 @app.command(name="eval")
 def evaluate(
-    model: Path = typer.Option(..., "--model", "-m", help="An exported model folder."),
+    model: str = typer.Option(..., "--model", "-m", help="An exported model folder or a shipped model's name."),
     out: Path = typer.Option(Path("outputs/eval"), "--out", "-o", help="Folder for results.md and results.json."),
     data: Optional[Path] = typer.Option(None, "--data", help="Evaluation data folder (default: held-out synthetic scenes)."),
     tasks: list[str] = typer.Option([], "--tasks", help="Tasks to evaluate (comma-separated or repeated)."),
     num_samples: int = typer.Option(100, "--num-samples", "-n", min=1, help="Samples to evaluate."),
-    steps: Optional[int] = typer.Option(None, "--steps", min=1),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Denoising steps (default: the model's)."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", min=1.0, help="Guidance scale (default: the model's)."),
     seed: int = typer.Option(0, "--seed"),
     inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="Local Inception weights for FID."),
+    protocol: Optional[str] = typer.Option(None, "--protocol", help="paper (the official test-time augmentation) or fast (one pass); default per dataset."),
+    scales: Optional[str] = typer.Option(None, "--scales", help="Multi-scale test, e.g. 0.5,0.75,1.0,1.25,1.5,1.75 (segmentation)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per pipeline call."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, ... (default: CUDA when present)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32, bf16 or fp16 (default: fp32)."),
 ) -> None:
     """Evaluate a trained model; writes results.md and results.json."""
+    from .core.model_folder import resolve_model
+
     task_list = [t for item in tasks for t in item.split(",") if t]
-    options = EvalOptions(model, out, data, task_list, num_samples, steps, seed, inception_weights)
-    write_results(_handler(EVAL_HANDLERS, model, "eval")(options), out)
+    try:
+        scale_list = [float(s) for s in scales.split(",") if s] if scales else []
+    except ValueError:
+        raise UserError(f"--scales {scales!r} is not a comma-separated list of numbers: pass e.g. --scales 0.5,1.0,1.5") from None
+    options = EvalOptions(resolve_model(model), out, data, task_list, num_samples, steps, guidance, seed, inception_weights,
+                          protocol, scale_list, batch_size, device, dtype)
+    write_results(_handler(EVAL_HANDLERS, options.model, "eval")(options), out)
 
 
 def write_results(results: dict, out: Path) -> None:

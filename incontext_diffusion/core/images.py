@@ -310,6 +310,27 @@ def make_grid(
     return grid
 
 
+def expand_image_inputs(items: list[PathLike]) -> list[Path]:
+    """`--image` values -> image files: each a file, a folder (its images, sorted) or a glob pattern."""
+    import glob
+
+    files: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            files += list_images(path)
+        elif path.exists():
+            files.append(path)
+        elif glob.has_magic(str(item)):
+            matches = sorted(Path(m) for m in glob.glob(str(item)) if Path(m).suffix.lower() in IMAGE_EXTENSIONS and Path(m).is_file())
+            if not matches:
+                raise UserError(f"no images match '{item}': check the pattern (files ending in {', '.join(IMAGE_EXTENSIONS)})")
+            files += matches
+        else:
+            raise UserError(f"image '{item}' does not exist: pass an image file, a folder of images or a glob such as 'photos/*.jpg'")
+    return files
+
+
 def list_images(folder: PathLike) -> list[Path]:
     """The image files directly in `folder` (by extension, any case), sorted by name.
 

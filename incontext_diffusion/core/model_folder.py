@@ -16,6 +16,23 @@ import yaml
 from ..errors import UserError
 from ..recipes import Recipe, validate
 
+# The embedded model zoo: `--model tiny-meta-prompts-depth` names assets/tiny-meta-prompts-depth.
+ASSETS = Path(__file__).resolve().parent.parent.parent / "assets"
+
+
+def shipped_models() -> list[str]:
+    return sorted(p.name for p in ASSETS.iterdir() if (p / "model_index.json").is_file()) if ASSETS.is_dir() else []
+
+
+def resolve_model(name_or_path: str | Path) -> Path:
+    """A model folder path, or the short name of a shipped model under assets/."""
+    path = Path(name_or_path)
+    if path.exists() or len(path.parts) > 1:
+        return path
+    if (ASSETS / path.name / "model_index.json").is_file():
+        return ASSETS / path.name
+    raise UserError(f"model '{name_or_path}' is neither a folder nor a shipped model: pass RUN_DIR/model or one of {', '.join(shipped_models()) or '(none shipped)'}")
+
 
 @dataclass
 class ModelFolder:

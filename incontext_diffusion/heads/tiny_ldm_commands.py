@@ -6,12 +6,16 @@ from ..errors import UserError
 
 
 def infer_text_to_image(options) -> None:
+    from pathlib import Path
+
     from .tiny_ldm import text_to_image
 
+    options.refuse_unused({"prompt", "out", "steps", "guidance", "num_images"}, "text-to-image")
     if not options.prompt:
         raise UserError("a text-to-image model needs --prompt TEXT")
-    text_to_image(options.model, options.prompt, options.out, steps=options.steps or 25, guidance=options.guidance or 4.0, seed=options.seed, num_images=options.num_images)
-    print(f"wrote {options.out}")
+    out = options.out or Path("outputs/infer.png")
+    text_to_image(options.model, options.prompt, out, steps=options.steps or 25, guidance=options.guidance or 4.0, seed=options.seed, num_images=options.num_images or 1)
+    print(f"wrote {out}")
 
 
 def eval_text_to_image(options) -> dict:

@@ -61,6 +61,7 @@ def infer_grounding(options) -> None:
     from ...core.images import make_grid, save_image
     from .pipeline import GroundingPipeline
 
+    options.out = options.out or Path("outputs/infer.png")
     image_path = _only_image(options)
     pipe = GroundingPipeline.from_pretrained(options.model)
     size = pipe.host.preprocess(torch.zeros(1, 3, 8, 8)).shape[-1]
@@ -89,6 +90,7 @@ def infer_mask(options) -> None:
     from ...core.images import make_grid, save_image
     from .pipeline import MaskGenerationPipeline
 
+    options.out = options.out or Path("outputs/infer.png")
     image_path = _only_image(options)
     pipe = MaskGenerationPipeline.from_pretrained(options.model)
     _, image = _load_image(image_path, _model_size(options.model))

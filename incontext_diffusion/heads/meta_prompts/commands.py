@@ -36,7 +36,7 @@ def infer_images(options) -> None:
     files = input_images(options.images)
     kind = json.loads((options.model / "model_index.json").read_text())["_class_name"]
     pipe = (MetaPromptsDepthPipeline if kind == DEPTH else MetaPromptsSegmentationPipeline).from_pretrained(options.model)
-    out = Path(options.out)
+    out = Path(options.out or "outputs/infer")
     if out.suffix:
         raise UserError(f"--out {out} looks like a file: MetaPrompts writes several files per image, pass a folder")
     out.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ def infer(options) -> None:
     from .evaluate import load_pipeline, run_pipeline
     from ...core.images import load_rgb, make_grid, save_image
 
+    options.out = options.out or Path("outputs/infer.png")
     if options.example is None or options.query is None:
         raise UserError("a Prompt Diffusion model needs --example SOURCE TARGET and --query IMAGE (and usually --prompt TEXT)")
     if options.out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
