@@ -348,3 +348,20 @@ def test_fid_plumbing_with_injected_extractor():
         fid.compute()
     fid.update(_constant(8, (1, 3, 8, 8)), real=False)
     assert fid.compute() == pytest.approx(27.0, rel=1e-5)
+
+
+def test_drawn_shape_counts_object_pixels_only():
+    from incontext_diffusion.metrics.generation import drawn_shape, shape_agreement
+
+    classes = ("floor", "wall", "sphere", "cube", "cylinder")
+    labels = np.zeros((4, 4), np.uint8)  # all floor
+    assert drawn_shape(labels, classes) is None
+    labels[0, :3] = 1  # wall pixels never count, however many
+    labels[1, :2] = 3  # two cube pixels
+    labels[2, :1] = 4  # one cylinder pixel
+    assert drawn_shape(labels, classes) == "cube"
+    cylinder = np.full((4, 4), 4, np.uint8)
+    # one of the two captions is met: 0.5
+    assert shape_agreement([labels, cylinder], ["cube", "sphere"], classes) == 0.5
+    with pytest.raises(ValueError):
+        shape_agreement([labels], ["cube", "sphere"], classes)

@@ -151,3 +151,19 @@ class FID:
 
     def reset(self) -> None:
         self.metric.reset()
+
+
+def drawn_shape(labels: np.ndarray, class_names: tuple[str, ...], background: tuple[str, ...] = ("floor", "wall")) -> str | None:
+    """The object class most pixels of a predicted label map (H x W class ids) belong to, background
+    classes left out; None when no pixel is an object."""
+    objects = [i for i, name in enumerate(class_names) if name not in background]
+    counts = np.bincount(labels.reshape(-1).astype(np.int64), minlength=len(class_names))[objects]
+    return class_names[objects[int(counts.argmax())]] if counts.sum() > 0 else None
+
+
+def shape_agreement(label_maps: list[np.ndarray], named_shapes: list[str], class_names: tuple[str, ...]) -> float:
+    """Fraction of generated images whose drawn shape (by a segmentation model's label map) is the one
+    their caption names."""
+    if len(label_maps) != len(named_shapes) or not label_maps:
+        raise ValueError(f"shape_agreement needs one label map per caption, got {len(label_maps)} and {len(named_shapes)}")
+    return float(np.mean([drawn_shape(labels, class_names) == shape for labels, shape in zip(label_maps, named_shapes)]))
