@@ -252,7 +252,9 @@ class PromptDiffusionHead(Head):
             "```python\nfrom incontext_diffusion.heads.prompt_diffusion.pipeline import PromptDiffusionPipeline\n"
             "pipe = PromptDiffusionPipeline.from_pretrained(PATH)\n"
             "image = pipe(prompt, image=query, image_pair=[example_source, example_target]).images[0]\n```\n"
-            "or `icd infer --model PATH --example SRC TGT --query IMG --prompt TEXT --out OUT.png --grid`.\n"
+            f"Inference defaults (in model_index.json): {self.options.inference_steps} DDIM steps, guidance {self.options.guidance_scale}.\n"
+            "Or `icd infer --model PATH --example SRC TGT --query IMG|FOLDER|GLOB --prompt TEXT --out OUT.png|FOLDER --grid`; "
+            "`icd eval --model PATH` for the in-context metrics.\n"
         )
 
 
