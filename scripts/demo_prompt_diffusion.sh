@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Prompt Diffusion demo: train prompt_diffusion-tiny briefly on synthetic scene families, then apply
-# an unseen task (canny -> image) and a trained one (image -> depth) to held-out scenes with --grid.
+# an unseen task (canny -> image) and a trained one (image -> depth) to held-out scenes with --grid
+# (steps and guidance: the model's exported defaults), and run the in-context evaluation.
 set -euo pipefail
 OUT=${OUT:-outputs/demo}
 ICD=".venv/bin/icd"
@@ -32,7 +33,10 @@ PY
 for task in canny_to_image image_to_depth; do
   D="$OUT/prompt_diffusion"
   $ICD infer --model "$RUN/model" --example "$D/${task}_example_source.png" "$D/${task}_example_target.png" \
-    --query "$D/${task}_query.png" --prompt "$(cat "$D/${task}_caption.txt")" --steps 20 --guidance 4 --seed 0 \
+    --query "$D/${task}_query.png" --prompt "$(cat "$D/${task}_caption.txt")" --seed 0 \
     --out "$D/${task}.png" --grid
 done
-echo "Prompt Diffusion pictures: $OUT/prompt_diffusion/canny_to_image_grid.png, image_to_depth_grid.png"
+echo "== in-context metrics on 4 held-out scene families (the eight tasks; -n 100 is the protocol)"
+$ICD eval --model "$RUN/model" -n 4 --out "$OUT/prompt_diffusion/eval"
+echo "Prompt Diffusion pictures: $OUT/prompt_diffusion/canny_to_image_grid.png, image_to_depth_grid.png,"
+echo "  eval/in_context.png (one query scene under the eight example pairs), eval/confusion_matrix.png"

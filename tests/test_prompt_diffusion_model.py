@@ -138,7 +138,7 @@ def test_pipeline_accepts_paths_pil_arrays_and_tensors_alike(components, tmp_pat
         paths.append(tmp_path / f"{i}.png")
     kinds = [arrays, paths, [Image.fromarray(a) for a in arrays], [torch.from_numpy(a).permute(2, 0, 1).float() / 255 for a in arrays],
              [a.astype(np.float32) / 255 for a in arrays]]
-    conditionings = [pipe.prepare_conditioning(images[2], images[:2]) for images in kinds]
+    conditionings = [pipe.prepare_conditioning(images[2], images[:2], 64, 64) for images in kinds]
     pair, query = conditionings[0]
     assert pair.shape == (1, 6, 64, 64) and query.shape == (1, 3, 64, 64)
     assert torch.allclose(pair[0, 3:], torch.from_numpy(arrays[1]).permute(2, 0, 1).float() / 127.5 - 1)  # [source, target], in [-1, 1]
@@ -157,15 +157,16 @@ def test_conditioning_range_changes_the_output(components):
 def test_pipeline_rejects_bad_inputs_with_clear_errors(components):
     pipe = make_pipeline(components, randomised_controlnet(components.unet))
     image = torch.rand(3, 64, 64)
-    with pytest.raises(ValueError, match="exactly two images"):
+    with pytest.raises(ValueError, match="exactly two images|\\[example source, example target\\]"):
         pipe("x", image, [image], num_inference_steps=1)
-    with pytest.raises(ValueError, match="exactly two images"):
+    with pytest.raises(ValueError, match="\\[example source, example target\\]"):
         pipe("x", image, image, num_inference_steps=1)
-    with pytest.raises(ValueError, match="same size"):
-        pipe("x", image, [image, torch.rand(3, 32, 64)], num_inference_steps=1)
-    with pytest.raises(ValueError, match="not divisible by the latent factor 4"):
-        odd = torch.rand(3, 62, 62)
-        pipe("x", odd, [odd, odd], num_inference_steps=1)
+    with pytest.raises(ValueError, match="2 example pairs for 3 queries"):
+        pipe("x", [image] * 3, [[image, image]] * 2, num_inference_steps=1)
+    with pytest.raises(ValueError, match="2 prompts for 3 queries"):
+        pipe(["x", "y"], [image] * 3, [image, image], num_inference_steps=1)
+    with pytest.raises(ValueError, match="smaller than the latent factor 4"):
+        pipe("x", torch.rand(3, 3, 3), [image, image], num_inference_steps=1)
 
 
 def test_pipeline_save_and_load_round_trip(components, tmp_path):

@@ -10,7 +10,13 @@ from incontext_diffusion.core.tiny import micro_components
 from incontext_diffusion.errors import UserError
 from incontext_diffusion.heads.prompt_diffusion.controlnet import PromptDiffusionControlNetModel
 from incontext_diffusion.heads.prompt_diffusion.data import SyntheticTriplets, as_tensors
-from incontext_diffusion.heads.prompt_diffusion.head import PromptDiffusionHead, PromptDiffusionModel, PromptDiffusionOptions, draw_condition_dropout
+from incontext_diffusion.heads.prompt_diffusion.head import (
+    PromptDiffusionHead,
+    PromptDiffusionModel,
+    PromptDiffusionOptions,
+    draw_condition_dropout,
+    freeze_backbone,
+)
 from incontext_diffusion.recipes import load_recipe, load_task, validate
 
 torch.set_num_threads(2)
@@ -19,12 +25,8 @@ TASKS = ["image_to_depth", "depth_to_image", "image_to_seg", "hed_to_image"]
 
 def build(tmp_path, **options):
     components = micro_components(tmp_path, seed=0)
-    for module in (components.vae, components.text_encoder, components.unet):
-        module.requires_grad_(False)
     opts = PromptDiffusionOptions(**options)
-    if opts.train_unet_decoder:
-        for name, param in components.unet.named_parameters():
-            param.requires_grad_(name.startswith(("up_blocks.", "conv_norm_out.", "conv_out.")))
+    freeze_backbone(components, opts)  # the head's own freezing
     controlnet = PromptDiffusionControlNetModel.from_unet(components.unet, conditioning_embedding_out_channels=(8, 8, 8))
     empty = components.tokenizer([""], padding="max_length", max_length=16, return_tensors="pt").input_ids
     return components, PromptDiffusionModel(components, controlnet, opts, empty)

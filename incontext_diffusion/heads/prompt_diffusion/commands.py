@@ -11,36 +11,68 @@ from typing import Optional
 from ...errors import UserError
 
 PIPELINE = "PromptDiffusionPipeline"
+INFER_OPTIONS = {"out", "prompt", "example", "query", "grid", "steps", "guidance", "height", "width", "device", "dtype"}
+OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 def infer(options) -> None:
-    """`icd infer --model DIR --example SRC TGT --query IMG --prompt TEXT --out OUT.png [--grid]`."""
-    from .evaluate import load_pipeline, run_pipeline
-    from ...core.images import load_rgb, make_grid, save_image
+    """`icd infer --model DIR --example SRC TGT --query IMG|DIR|GLOB [--prompt TEXT] [--out OUT.png|DIR] [--grid]`.
 
-    options.out = options.out or Path("outputs/infer.png")
+    One output per query: `--out` is a file for one query, a folder (outputs named after the queries)
+    for several. Without --height/--width the output has the query's size.
+    """
+    options.refuse_unused(INFER_OPTIONS, "Prompt Diffusion")
+    from PIL import Image
+
+    from ...core.images import expand_image_inputs, load_rgb, make_grid, save_image
+    from .evaluate import inference_settings, load_pipeline
+
     if options.example is None or options.query is None:
-        raise UserError("a Prompt Diffusion model needs --example SOURCE TARGET and --query IMAGE (and usually --prompt TEXT)")
-    if options.out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
-        raise UserError(f"--out {options.out} must be an image file name, e.g. out.png")
-    source, target, query = (load_rgb(path) for path in (*options.example, options.query))  # checked before the model loads
-    pipe = load_pipeline(options.model)
-    image = run_pipeline(pipe, options.prompt or "", source, target, query, steps=options.steps or 50,
-                         guidance=options.guidance or 9.0, seed=options.seed, show_progress=True)
-    save_image(image, options.out)
-    print(f"wrote {options.out}")
-    if options.grid:
-        grid_path = options.out.with_name(f"{options.out.stem}_grid.png")
-        labels = ["example source", "example target", "query", "output"]
-        save_image(make_grid([source, target, query, image], labels=labels), grid_path)
-        print(f"wrote {grid_path}")
+        raise UserError("a Prompt Diffusion model needs --example SOURCE TARGET and --query IMAGE (a file, a folder or a glob; usually --prompt TEXT too)")
+    query_paths = expand_image_inputs([options.query])
+    out = options.out or (Path("outputs/infer.png") if len(query_paths) == 1 else Path("outputs/infer"))
+    one_file = out.suffix.lower() in OUTPUT_SUFFIXES
+    if one_file and len(query_paths) > 1:
+        raise UserError(f"--query gives {len(query_paths)} images but --out {out} is one file: pass a folder, e.g. --out outputs/infer")
+    if not one_file and out.suffix:
+        raise UserError(f"--out {out} is neither an image file ({', '.join(OUTPUT_SUFFIXES)}) nor a folder: pass e.g. out.png or outputs/infer")
+    source, target = (load_rgb(path) for path in options.example)  # checked before the model loads
+    queries = [load_rgb(path) for path in query_paths]
+    pipe = load_pipeline(options.model, options.device, options.dtype)
+    pipe.set_progress_bar_config(disable=False, leave=False)
+    steps, guidance = inference_settings(pipe, options.steps, options.guidance)
+    for path, query in zip(query_paths, queries):
+        try:
+            image = pipe(options.prompt or "", query, [source, target], height=options.height, width=options.width, num_inference_steps=steps,
+                         guidance_scale=guidance, generator=torch_generator(options.seed)).images[0]
+        except ValueError as err:  # size and pair checks of the pipeline: the user's inputs
+            raise UserError(str(err)) from None
+        if options.height is None and options.width is None and image.size != query.size:
+            image = image.resize(query.size, Image.Resampling.LANCZOS)  # the pipeline rounds to the latent grid
+        image_path = out if one_file else out / f"{path.stem}.png"
+        save_image(image, image_path)
+        print(f"wrote {image_path}")
+        if options.grid:
+            grid_path = image_path.with_name(f"{image_path.stem}_grid.png")
+            labels = ["example source", "example target", "query", "output"]
+            save_image(make_grid([source, target, query, image], labels=labels), grid_path)
+            print(f"wrote {grid_path}")
+
+
+def torch_generator(seed: int):
+    import torch
+
+    return torch.Generator().manual_seed(seed)
 
 
 def evaluate(options) -> dict:
     from .evaluate import evaluate_model
 
-    return evaluate_model(options.model, options.tasks, data=options.data, num_samples=options.num_samples, steps=options.steps or 50,
-                          seed=options.seed, inception_weights=options.inception_weights)
+    if options.protocol is not None or options.scales:
+        raise UserError("--protocol and --scales are not used by a Prompt Diffusion model: drop them")
+    return evaluate_model(options.model, options.tasks, data=options.data, num_samples=options.num_samples, steps=options.steps,
+                          guidance=options.guidance, seed=options.seed, inception_weights=options.inception_weights,
+                          batch_size=options.batch_size, device=options.device, dtype=options.dtype, out=options.out)
 
 
 def register(app, data_app, convert_app, infer: dict, evaluate: dict) -> None:

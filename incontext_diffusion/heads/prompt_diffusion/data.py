@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ...data.annotators import synthetic_map
-from ...data.synthscenes import FAMILY_CHANGES, scene_family
+from ...data.synthscenes import FAMILY_CHANGES, Scene, scene_family
 from ...errors import UserError
 from ...recipes import TaskCard
 
@@ -24,6 +24,11 @@ def synthetic_triplet(scene_seed: int, task: TaskCard, size: int, change: str) -
     """The triplet of one task on the scene family of `scene_seed` (HxWx3 uint8 images and a caption:
     the task's fixed text for forward tasks, the query scene's caption otherwise)."""
     example, query = scene_family(scene_seed, 2, size, change)
+    return triplet_from_scenes(example, query, task)
+
+
+def triplet_from_scenes(example: Scene, query: Scene, task: TaskCard) -> dict:
+    """The triplet of one task: the example pair from `example`, the query and target from `query`."""
     return {
         "example_source": synthetic_map(example, task.source),
         "example_target": synthetic_map(example, task.target),

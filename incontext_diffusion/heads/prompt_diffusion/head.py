@@ -52,6 +52,8 @@ class PromptDiffusionOptions(BaseModel):
     # last convolutions of the hint encoders start at zero and grow slowly at the backbone's rate.
     controlnet_learning_rate: float | None = Field(None, gt=0)
     validation_steps: int = Field(20, ge=1)
+    # Inference defaults, exported into the pipeline's config (`icd infer` and `icd eval` read them there).
+    inference_steps: int = Field(50, ge=1)
     guidance_scale: float = Field(9.0, ge=1)
 
     @model_validator(mode="after")
@@ -131,6 +133,20 @@ def decoder_parameter_names(unet) -> list[str]:
     return [name for name, _ in unet.named_parameters() if name.startswith(("up_blocks.", "conv_norm_out.", "conv_out."))]
 
 
+def freeze_backbone(components: Components, options: PromptDiffusionOptions) -> None:
+    """Freeze the VAE, text encoder and UNet, except the decoders the options train."""
+    for module in (components.vae, components.text_encoder, components.unet):
+        module.requires_grad_(False)
+    if options.train_unet_decoder:
+        decoder = set(decoder_parameter_names(components.unet))
+        for name, param in components.unet.named_parameters():
+            param.requires_grad_(name in decoder)
+    if options.train_vae_decoder:
+        decoder = set(vae_decoder_parameter_names(components.vae))
+        for name, param in components.vae.named_parameters():
+            param.requires_grad_(name in decoder)
+
+
 class PromptDiffusionHead(Head):
     """Recipes `prompt_diffusion` (SD1.5) and `prompt_diffusion-tiny` (tiny backbone, synthetic scenes)."""
 
@@ -143,16 +159,7 @@ class PromptDiffusionHead(Head):
         self.components = load_components(self.recipe.backbone or "tiny")
         check_task_texts(self.tasks, self.components.tokenizer)
         self.controlnet = build_controlnet(self.components, self.options)
-        for module in (self.components.vae, self.components.text_encoder, self.components.unet):
-            module.requires_grad_(False)
-        if self.options.train_unet_decoder:
-            decoder = set(decoder_parameter_names(self.components.unet))
-            for name, param in self.components.unet.named_parameters():
-                param.requires_grad_(name in decoder)
-        if self.options.train_vae_decoder:
-            decoder = set(vae_decoder_parameter_names(self.components.vae))
-            for name, param in self.components.vae.named_parameters():
-                param.requires_grad_(name in decoder)
+        freeze_backbone(self.components, self.options)
         self.model = PromptDiffusionModel(self.components, self.controlnet, self.options, self.tokenize([""]))
         self.dataset = self.make_dataset()
         self.validation_triplets = [as_tensors(triplet) for triplet in self.held_out(4)]
@@ -219,7 +226,10 @@ class PromptDiffusionHead(Head):
                      batch.get("latent_moments"), batch.get("text_embeds"))
 
     def pipeline(self, model: PromptDiffusionModel) -> PromptDiffusionPipeline:
-        return make_pipeline(self.components, model.controlnet, self.options.conditioning_range)
+        """The inference pipeline, with the recipe's inference defaults and the tasks' fixed texts in its config."""
+        texts = {task.name: task.text for task in self.tasks if task.text is not None}
+        return make_pipeline(self.components, model.controlnet, self.options.conditioning_range,
+                             self.options.inference_steps, self.options.guidance_scale, texts)
 
     @torch.no_grad()
     def validate(self, model: PromptDiffusionModel, step: int):
@@ -228,8 +238,7 @@ class PromptDiffusionHead(Head):
         for triplet in self.validation_triplets:
             unit = {key: (triplet[key] + 1) / 2 for key in IMAGE_KEYS}
             output = pipe(triplet["caption"], unit["query"], [unit["example_source"], unit["example_target"]],
-                          num_inference_steps=self.options.validation_steps, guidance_scale=self.options.guidance_scale,
-                          generator=torch.Generator().manual_seed(0)).images[0]
+                          num_inference_steps=self.options.validation_steps, generator=torch.Generator().manual_seed(0)).images[0]
             rows.append([to_pil(triplet[key]) for key in IMAGE_KEYS[:3]] + [output, to_pil(triplet["target"])])
         return make_grid(rows)
 
@@ -243,7 +252,9 @@ class PromptDiffusionHead(Head):
             "```python\nfrom incontext_diffusion.heads.prompt_diffusion.pipeline import PromptDiffusionPipeline\n"
             "pipe = PromptDiffusionPipeline.from_pretrained(PATH)\n"
             "image = pipe(prompt, image=query, image_pair=[example_source, example_target]).images[0]\n```\n"
-            "or `icd infer --model PATH --example SRC TGT --query IMG --prompt TEXT --out OUT.png --grid`.\n"
+            f"Inference defaults (in model_index.json): {self.options.inference_steps} DDIM steps, guidance {self.options.guidance_scale}.\n"
+            "Or `icd infer --model PATH --example SRC TGT --query IMG|FOLDER|GLOB --prompt TEXT --out OUT.png|FOLDER --grid`; "
+            "`icd eval --model PATH` for the in-context metrics.\n"
         )
 
 
@@ -286,9 +297,11 @@ def build_controlnet(components: Components, options: PromptDiffusionOptions) ->
     return PromptDiffusionControlNetModel.from_unet(components.unet, conditioning_embedding_out_channels=tuple(channels))
 
 
-def make_pipeline(components: Components, controlnet: PromptDiffusionControlNetModel, conditioning_range: str = "[-1, 1]") -> PromptDiffusionPipeline:
-    """The inference pipeline: the backbone, the ControlNet and SD's DDIM settings."""
+def make_pipeline(components: Components, controlnet: PromptDiffusionControlNetModel, conditioning_range: str = "[-1, 1]",
+                  steps: int = 50, guidance_scale: float = 9.0, task_texts: dict[str, str] | None = None) -> PromptDiffusionPipeline:
+    """The inference pipeline: the backbone, the ControlNet, SD's DDIM settings and the inference defaults."""
     scheduler = DDIMScheduler.from_config(components.noise_scheduler.config, set_alpha_to_one=False, steps_offset=1, clip_sample=False, timestep_spacing="leading")
-    pipe = PromptDiffusionPipeline(components.vae, components.text_encoder, components.tokenizer, components.unet, controlnet, scheduler, conditioning_range)
+    pipe = PromptDiffusionPipeline(components.vae, components.text_encoder, components.tokenizer, components.unet, controlnet, scheduler,
+                                   conditioning_range, steps, guidance_scale, task_texts)
     pipe.set_progress_bar_config(disable=True)
     return pipe
