@@ -149,7 +149,8 @@ def test_train_export_infer_eval(tmp_path, backbone, task):
     from incontext_diffusion.heads.meta_prompts.pipeline import MetaPromptsSegmentationPipeline
     from incontext_diffusion.metrics import DepthMetrics, SegmentationMetrics
 
-    scenes = (SynthDepth if task == "depth" else SynthSegmentation)(2, 64, HELD_OUT_SEED, 1, 1)
+    max_objects = 1 if (out_dir / "recipe.yaml").is_file() else 3  # the training recipe's scenes, else the defaults
+    scenes = (SynthDepth if task == "depth" else SynthSegmentation)(2, 64, HELD_OUT_SEED, 1, max_objects)
     pipe = (MetaPromptsDepthPipeline if task == "depth" else MetaPromptsSegmentationPipeline).from_pretrained(out_dir)
     metrics = DepthMetrics(max_depth=10.0) if task == "depth" else SegmentationMetrics(num_classes=5)
     for sample in (scenes[0], scenes[1]):

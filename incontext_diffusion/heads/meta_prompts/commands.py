@@ -25,7 +25,7 @@ def load_pipeline(folder, device: str | None, dtype: str | None):
     if device is not None and device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device}: no CUDA device here: pass --device cpu")
     kind = MetaPromptsDepthPipeline if folder.class_name == DEPTH else MetaPromptsSegmentationPipeline
-    pipe = kind.from_pretrained(str(folder.path), torch_dtype=getattr(torch, DTYPES[dtype or "fp32"]))
+    pipe = kind.from_pretrained(str(folder.path), dtype=getattr(torch, DTYPES[dtype or "fp32"]))
     pipe.set_progress_bar_config(disable=True)  # the commands show one bar over the images
     return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
