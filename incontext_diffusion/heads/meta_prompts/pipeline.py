@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import numpy as np
 import torch
@@ -197,7 +197,7 @@ class MetaPromptsDepthPipeline(_MetaPromptsPipeline):
         tta: bool | None = None,
         shift_windows: int | None = None,
         batch_size: int = 1,
-        output_type: str = "np",
+        output_type: Literal["np", "pt"] = "np",
     ) -> MetaPromptsDepthOutput:
         """Depth in metres at the input's size.
 
@@ -260,7 +260,7 @@ class MetaPromptsSegmentationPipeline(_MetaPromptsPipeline):
         stride: int | None = None,
         scales: list[float] | tuple[float, ...] = (1.0,),
         batch_size: int = 1,
-        output_type: str = "np",
+        output_type: Literal["np", "pt"] = "np",
     ) -> MetaPromptsSegmentationOutput:
         """Class ids at the input's size.
 
