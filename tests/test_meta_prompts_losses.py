@@ -51,6 +51,19 @@ def test_segmentation_loss_weights_and_ignore():
     assert logits.grad[0, :, 0].abs().sum() == 0  # ignored pixels give no gradient
 
 
+def test_cross_entropy_averaged_over_all_pixels_as_mmseg():
+    # 1x2x1x4 logits, labels [0, 1, 255, 255]: per-pixel CE ln(1 + e^-2) at pixels 0 and 1 (both right by 2).
+    logits = torch.tensor([[[[2.0, 0.0, 5.0, 5.0]], [[0.0, 2.0, 0.0, 0.0]]]])
+    labels = torch.tensor([[[0, 1, 255, 255]]])
+    pixel = math.log(1 + math.exp(-2))
+    valid = segmentation_loss(logits, logits, labels, ce_average="valid")
+    everything = segmentation_loss(logits, logits, labels, ce_average="all")
+    assert valid["ce"].item() == pytest.approx(2 * pixel / 2)  # over the 2 labelled pixels
+    assert everything["ce"].item() == pytest.approx(2 * pixel / 4)  # over all 4 (the official mmseg 0.30 default)
+    assert everything["aux_ce"].item() == pytest.approx(2 * pixel / 4)
+    assert everything["lovasz"].item() == pytest.approx(valid["lovasz"].item())  # Lovász ignores them either way
+
+
 def test_depth_metrics_hand_example():
     pred = torch.tensor([[1.0, 2.0], [4.0, 1.0]])
     gt = torch.tensor([[1.0, 1.0], [4.0, 0.0]])  # the 0 pixel is invalid

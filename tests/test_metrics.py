@@ -91,11 +91,26 @@ def test_depth_valid_range_is_strict():
 def test_depth_prediction_cleaning_and_clamp():
     gt = torch.tensor([[1.0, 2.0, 3.0]])
     pred = torch.tensor([[float("nan"), float("inf"), 0.1]])
-    # nan -> min 0.5, inf -> max 4, 0.1 clamped up to 0.5: errors 0.5, 2, 2.5.
+    # As the official code: nan -> min 0.5, inf -> max 4, 0.1 kept: errors 0.5, 2, 2.9.
     result = depth_metrics(pred, gt, min_depth=0.5, max_depth=4.0)
-    assert result["abs_rel"] == pytest.approx((0.5 / 1 + 2 / 2 + 2.5 / 3) / 3)
-    unclamped = depth_metrics(pred, gt, min_depth=0.5, max_depth=4.0, clamp=False)
-    assert unclamped["abs_rel"] == pytest.approx((0.5 / 1 + 2 / 2 + 2.9 / 3) / 3)
+    assert result["abs_rel"] == pytest.approx((0.5 / 1 + 2 / 2 + 2.9 / 3) / 3)
+    # The optional clamp lifts 0.1 to 0.5: errors 0.5, 2, 2.5.
+    clamped = depth_metrics(pred, gt, min_depth=0.5, max_depth=4.0, clamp=True)
+    assert clamped["abs_rel"] == pytest.approx((0.5 / 1 + 2 / 2 + 2.5 / 3) / 3)
+
+
+def test_depth_metrics_count_out_of_range_predictions_as_they_are():
+    # gt 5 and 2 m inside (1e-3, 10); predictions 12 m (above max_depth) and 1 m.
+    gt = torch.tensor([[5.0, 2.0]])
+    pred = torch.tensor([[12.0, 1.0]])
+    result = DepthMetrics(max_depth=10.0)
+    result.update(pred, gt)
+    values = result.compute()
+    assert values["abs_rel"] == pytest.approx((7 / 5 + 1 / 2) / 2)  # clamped to 10 it would be (5/5 + 1/2) / 2
+    assert values["sq_rel"] == pytest.approx((49 / 5 + 1 / 2) / 2)
+    assert values["rmse"] == pytest.approx(math.sqrt((49 + 1) / 2))
+    assert values["d3"] == pytest.approx(0.0)  # 12 / 5 = 2.4 and 2 / 1 = 2 are both >= 1.25^3 = 1.953
+    assert depth_metrics(pred, gt, max_depth=10.0, clamp=True)["abs_rel"] == pytest.approx((5 / 5 + 1 / 2) / 2)
 
 
 def test_nyu_eigen_crop():

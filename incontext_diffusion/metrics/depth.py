@@ -116,8 +116,8 @@ def _per_image_errors(
     pred = _as_batch(pred, "predicted")
     gt = _as_batch(gt, "ground-truth").to(pred.device)
     check_same_shape(pred, gt, "predicted depth", "resize the prediction to the ground-truth resolution before evaluating")
-    # As in MetaPrompts: inf -> max_depth, NaN -> min_depth. The clamp (ZoeDepth/Marigold) only
-    # changes predictions outside [min_depth, max_depth] and keeps log(pred) finite.
+    # As in MetaPrompts: inf -> max_depth, NaN -> min_depth, nothing else. The optional clamp
+    # (ZoeDepth/Marigold) changes predictions outside [min_depth, max_depth] and keeps log(pred) finite.
     pred = torch.nan_to_num(pred.double(), nan=min_depth, posinf=max_depth, neginf=min_depth)
     if clamp:
         pred = pred.clamp(min_depth, max_depth)
@@ -142,14 +142,15 @@ def depth_metrics(
     min_depth: float = 1e-3,
     max_depth: float = 10.0,
     crop: str | None = None,
-    clamp: bool = True,
+    clamp: bool = False,
     silog_lambda: float = 0.5,
     silog_scale: float = 1.0,
 ) -> dict[str, float]:
     """Depth metrics of one map or a batch of maps (metres), each image weighted equally.
 
     Keys: abs_rel, sq_rel, rmse, rmse_log, log10, d1, d2, d3, silog. `crop` is None or one of
-    CROPS; `clamp` clamps predictions to [min_depth, max_depth].
+    CROPS; `clamp` clamps predictions to [min_depth, max_depth] (off by default, as in the
+    official code: a prediction outside the range counts as it is).
     """
     errors = _per_image_errors(pred, gt, min_depth, max_depth, crop, clamp, silog_lambda, silog_scale)
     return dict(zip(METRIC_NAMES, errors.mean(dim=0).tolist()))
@@ -174,7 +175,7 @@ class DepthMetrics(Metric):
         min_depth: float = 1e-3,
         max_depth: float = 10.0,
         crop: str | None = None,
-        clamp: bool = True,
+        clamp: bool = False,
         silog_lambda: float = 0.5,
         silog_scale: float = 1.0,
     ) -> None:

@@ -4,17 +4,17 @@ from .decoders import MetaPromptsDepthHead, MetaPromptsSegmentationHead
 from .pipeline import (
     MetaPromptsDepthOutput,
     MetaPromptsDepthPipeline,
+    MetaPromptsImageProcessor,
     MetaPromptsSegmentationOutput,
     MetaPromptsSegmentationPipeline,
-    visualize_depth,
 )
 
 __all__ = [
     "MetaPromptsDepthHead",
     "MetaPromptsDepthOutput",
     "MetaPromptsDepthPipeline",
+    "MetaPromptsImageProcessor",
     "MetaPromptsSegmentationHead",
     "MetaPromptsSegmentationOutput",
     "MetaPromptsSegmentationPipeline",
-    "visualize_depth",
 ]

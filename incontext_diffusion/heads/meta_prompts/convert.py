@@ -17,7 +17,7 @@ from ...core.components import check_no_pickle_needed, load_components
 from ...errors import UserError
 from .decoders import MetaPromptsDepthHead, MetaPromptsSegmentationHead
 from .model import feature_channels, time_embedding_dim
-from .pipeline import MetaPromptsDepthPipeline, MetaPromptsSegmentationPipeline
+from .pipeline import DATASET_SETTINGS, MetaPromptsDepthPipeline, MetaPromptsSegmentationPipeline
 
 # (official prefix of the UNet, of the VAE) per task
 PREFIXES = {"depth": ("encoder.unet.unet.diffusion_model.", "encoder.encoder_vq."), "segmentation": ("unet.unet.diffusion_model.", "encoder_vq.")}
@@ -75,21 +75,29 @@ def _load(module: torch.nn.Module, weights: dict[str, torch.Tensor], allowed_mis
     missing = [k for k in result.missing_keys if not k.startswith(allowed_missing)]
     if missing or result.unexpected_keys:
         problem = f"missing {missing[:3]}" if missing else f"unexpected {result.unexpected_keys[:3]}"
-        raise UserError(f"the checkpoint's {what} does not fit the backbone ({problem}): pass the --backbone it was trained from and the right --task")
+        raise UserError(f"the checkpoint's {what} does not fit the backbone ({problem}): pass the --backbone it was trained from and the right --dataset")
 
 
-def convert_checkpoint(checkpoint: Path, out: Path, task: str = "depth", backbone: str = "stable-diffusion-v1-5/stable-diffusion-v1-5",
-                       max_depth: float = 10.0, resize_scale: int = 1, num_classes: int = 150, trust_pickle: bool = False) -> Path:
-    """Write a MetaPrompts model folder from an official checkpoint; returns `out`."""
-    if task not in PREFIXES:
-        raise UserError(f"--task {task}: use depth or segmentation")
+def convert_checkpoint(checkpoint: Path, out: Path, dataset: str = "nyu", backbone: str = "stable-diffusion-v1-5/stable-diffusion-v1-5",
+                       trust_pickle: bool = False) -> Path:
+    """Write a MetaPrompts model folder from an official checkpoint trained on `dataset`; returns `out`.
+
+    The checkpoint does not say what it was trained for: `dataset` gives the task, max depth and
+    resize scale (depth) or classes (segmentation), and the official test settings written into the
+    pipeline's config (processing resolution, TTA on, NYU 2 / KITTI 16 shift windows, ADE20K 512/341
+    and Cityscapes 1024/512 sliding windows).
+    """
+    if dataset not in DATASET_SETTINGS:
+        raise UserError(f"--dataset {dataset!r} is not known: choose {', '.join(DATASET_SETTINGS)}")
+    settings = DATASET_SETTINGS[dataset]
+    task = settings["task"]
     out = Path(out)
     if out.exists():
         raise UserError(f"{out} already exists: choose a new output folder")
     state = read_state_dict(checkpoint, trust_pickle)
     unet_prefix, vae_prefix = PREFIXES[task]
     if not any(k.startswith(unet_prefix) for k in state):
-        raise UserError(f"{checkpoint} has no '{unet_prefix}*' weights: is it a MetaPrompts {task} checkpoint? (try the other --task)")
+        raise UserError(f"{checkpoint} has no '{unet_prefix}*' weights: is it a MetaPrompts {task} checkpoint? (--dataset {dataset} is a {task} dataset)")
     components = load_components(backbone)
     unet, vae = components.unet, components.vae
     ldm = {"model.diffusion_model." + k[len(unet_prefix) :]: v for k, v in state.items() if k.startswith(unet_prefix)}
@@ -101,20 +109,21 @@ def convert_checkpoint(checkpoint: Path, out: Path, task: str = "depth", backbon
     head_weights = head_state_dict(state, task)
     common = dict(feature_channels=tuple(feature_channels(unet)), prompt_dim=unet.config.cross_attention_dim,
                   time_embedding_dim=time_embedding_dim(unet), num_loops=int(head_weights["time_embeddings"].shape[0]))
+    defaults = {"default_processing_resolution": settings["processing_resolution"], "default_tta": True}  # the paper's protocol
     if task == "depth":
         # The decoder's shape is read from the weights (official: 3 deconvolutions of 32 filters, 192 channels).
         deconvs = [k for k in head_weights if re.fullmatch(r"decoder\.deconv_layers\.\d+\.weight", k) and head_weights[k].ndim == 4]
         head = MetaPromptsDepthHead(
-            **common, num_prompts=int(head_weights["meta_prompts.0"].shape[0]), max_depth=max_depth, resize_scale=resize_scale,
+            **common, num_prompts=int(head_weights["meta_prompts.0"].shape[0]), max_depth=settings["max_depth"], resize_scale=settings["resize_scale"],
             num_deconv=len(deconvs), deconv_filters=int(head_weights["decoder.deconv_layers.0.weight"].shape[1]),
             decoder_channels=int(head_weights["last_layer_depth.0.weight"].shape[0]),
         )
-        pipe_class = MetaPromptsDepthPipeline
+        pipe = MetaPromptsDepthPipeline(vae=vae, unet=unet, head=head, shift_windows=settings["shift_windows"], **defaults)
     else:
-        head = MetaPromptsSegmentationHead(**common, num_prompts=int(head_weights["meta_prompts"].shape[0]), num_classes=num_classes)
-        pipe_class = MetaPromptsSegmentationPipeline
+        head = MetaPromptsSegmentationHead(**common, num_prompts=int(head_weights["meta_prompts"].shape[0]), num_classes=settings["num_classes"])
+        pipe = MetaPromptsSegmentationPipeline(vae=vae, unet=unet, head=head, window=settings["window"], stride=settings["stride"], **defaults)
     _load(head, head_weights, (), "head")
     from ...core.checkpoints import atomic_export
 
-    atomic_export(out, lambda temp: pipe_class(vae=vae, unet=unet, head=head).save_pretrained(str(temp), safe_serialization=True))
+    atomic_export(out, lambda temp: pipe.save_pretrained(str(temp), safe_serialization=True))
     return out

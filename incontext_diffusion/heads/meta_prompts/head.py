@@ -8,6 +8,7 @@ global torch RNG, so datasets stay deterministic by index.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -23,13 +24,16 @@ from ...errors import UserError
 from .decoders import MetaPromptsDepthHead, MetaPromptsSegmentationHead
 from .losses import IGNORE_INDEX, segmentation_loss, silog_loss
 from .model import build_model, feature_channels, time_embedding_dim
-from .pipeline import MetaPromptsDepthPipeline, MetaPromptsSegmentationPipeline, visualize_depth
+from .pipeline import DATASET_SETTINGS, MetaPromptsDepthPipeline, MetaPromptsImageProcessor, MetaPromptsSegmentationPipeline
 
+# diffusers names of the UNet norms whose ldm names contain "norm" (the resnets' GroupNorms are
+# in_layers.0 / out_layers.0 in ldm, conv_norm_out is out.0): attentions.i.norm, transformer_blocks.j.norm1..3
+ATTENTION_NORM = re.compile(r"\.attentions\.\d+\.(norm|transformer_blocks\.\d+\.norm\d)\.")
 HELD_OUT_SEED = 1_000_000  # synthetic evaluation scenes; training uses data.seed .. data.seed + num_samples
 
 
 class MetaPromptsOptions(BaseModel):
-    """The recipe's `model:` section."""
+    """The recipe's `model:` keys both tasks read."""
 
     model_config = ConfigDict(extra="forbid")
     task: Literal["depth", "segmentation"]
@@ -38,20 +42,6 @@ class MetaPromptsOptions(BaseModel):
     unet_lr_scale: float | None = Field(None, ge=0)  # default: 0.01 (depth), 0.1 (segmentation)
     scale_latents: bool = False  # official: the UNet sees unscaled VAE latents
     input_multiple: int = Field(64, ge=8)
-    # depth
-    max_depth: float = Field(10.0, gt=0)
-    resize_scale: int = Field(1, ge=0)
-    num_deconv: int = Field(3, ge=0)
-    deconv_filters: int = Field(32, ge=1)
-    decoder_channels: int = Field(192, ge=1)
-    silog_lambda: float = Field(0.5, ge=0, le=1)
-    # segmentation
-    num_classes: int = Field(150, ge=2)
-    channels: int = Field(512, ge=1)
-    auxiliary_channels: int = Field(512, ge=1)
-    auxiliary_weight: float = Field(0.4, ge=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    short_side: int | None = Field(None, ge=16)  # segmentation datasets: resize to this short side first
     # official_depth: the depth code's schedule, replacing train.lr_scheduler: from min_learning_rate up to
     # train.learning_rate at half the run ((s/half)^0.9), then back down, min_learning_rate at the end
     lr_schedule: Literal["recipe", "official_depth"] = "recipe"
@@ -63,12 +53,56 @@ class MetaPromptsOptions(BaseModel):
     photometric: bool = True
 
 
+class DepthOptions(MetaPromptsOptions):
+    """`model:` of a depth recipe."""
+
+    task: Literal["depth"]
+    max_depth: float = Field(10.0, gt=0)
+    resize_scale: int = Field(1, ge=0)
+    num_deconv: int = Field(3, ge=0)
+    deconv_filters: int = Field(32, ge=1)
+    decoder_channels: int = Field(192, ge=1)
+    silog_lambda: float = Field(0.5, ge=0, le=1)
+
+
+class SegmentationOptions(MetaPromptsOptions):
+    """`model:` of a segmentation recipe."""
+
+    task: Literal["segmentation"]
+    num_classes: int = Field(150, ge=2)
+    channels: int = Field(512, ge=1)
+    auxiliary_channels: int = Field(512, ge=1)
+    auxiliary_weight: float = Field(0.4, ge=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    short_side: int | None = Field(None, ge=16)  # segmentation datasets: resize to this short side first
+    # valid: cross-entropy averaged over the labelled pixels; all: over every pixel, ignored ones
+    # counting 0 (the official mmseg 0.30 default, avg_non_ignore=False)
+    ce_average: Literal["valid", "all"] = "valid"
+    # toolkit: the UNet at unet_lr_scale, no decay on 1-D parameters; mmcv: the official custom_keys
+    # grouping (UNet parameters named "norm" in ldm at lr x1 without decay, every other parameter decayed)
+    parameter_groups: Literal["toolkit", "mmcv"] = "toolkit"
+
+
+OPTIONS = {"depth": DepthOptions, "segmentation": SegmentationOptions}
+
+
+def task_options(model: dict, where: str) -> type[MetaPromptsOptions]:
+    """The schema of `model.task`; a key of the other task is refused with one line."""
+    task = model.get("task")
+    if task not in OPTIONS:
+        raise UserError(f"'model.task' in {where} must be depth or segmentation (got {task!r}): set model.task")
+    other = "segmentation" if task == "depth" else "depth"
+    foreign = sorted(set(model) & (set(OPTIONS[other].model_fields) - set(MetaPromptsOptions.model_fields)))
+    if foreign:
+        raise UserError(f"'model.{foreign[0]}' in {where} is a {other} key, and this recipe's model.task is {task}: drop it")
+    return OPTIONS[task]
+
+
 class MetaPromptsHead(Head):
     """Depth or semantic segmentation from a diffusion UNet with meta prompts and recurrent refinement."""
 
-    Options = MetaPromptsOptions
-
     def __init__(self, recipe):
+        self.Options = task_options(recipe.model, f"recipe {recipe.name}")
         super().__init__(recipe)
         # With one loop the UNet's conv_out output is never used, so it gets no gradient.
         self.has_unused_parameters = self.options.num_loops == 1
@@ -117,17 +151,27 @@ class MetaPromptsHead(Head):
         return factor
 
     def parameter_groups(self, model: torch.nn.Module, learning_rate: float) -> list[dict]:
-        """UNet at lr x unet_lr_scale (every UNet parameter: the official norm-key quirk is not kept);
-        biases and other 1-D parameters without weight decay."""
+        """The UNet at lr x unet_lr_scale. toolkit: every UNet parameter (the official norm-key quirk is
+        not kept), 1-D parameters without weight decay; mmcv (segmentation): the official grouping."""
         scale = self.options.unet_lr_scale if self.options.unet_lr_scale is not None else (0.01 if self.is_depth else 0.1)
-        groups: dict[tuple[bool, bool], list] = {(u, d): [] for u in (True, False) for d in (True, False)}
+        mmcv = not self.is_depth and self.options.parameter_groups == "mmcv"
+        groups: dict[tuple[float, bool], list] = {}
         for name, param in model.named_parameters():
-            if param.requires_grad:
-                groups[(name.startswith("backbone.unet."), param.ndim > 1)].append(param)
+            if not param.requires_grad:
+                continue
+            in_unet = name.startswith("backbone.unet.")
+            if mmcv:
+                # mmcv's custom_keys try "norm" before "unet": the UNet parameters whose ldm names hold
+                # "norm" (SpatialTransformer.norm, BasicTransformerBlock.norm1..3) get lr x1 and no decay;
+                # every other parameter (biases and 1-D included) the recipe's decay.
+                ldm_norm = in_unet and ATTENTION_NORM.search(name) is not None
+                key = (1.0 if ldm_norm or not in_unet else scale, not ldm_norm)
+            else:
+                key = (scale if in_unet else 1.0, param.ndim > 1)
+            groups.setdefault(key, []).append(param)
         return [
-            {"params": params, "lr": learning_rate * (scale if in_unet else 1.0), **({} if decay else {"weight_decay": 0.0})}
-            for (in_unet, decay), params in groups.items()
-            if params
+            {"params": params, "lr": learning_rate * lr_scale, **({} if decay else {"weight_decay": 0.0})}
+            for (lr_scale, decay), params in groups.items()
         ]
 
     # --- data -------------------------------------------------------------------------------------
@@ -201,7 +245,7 @@ class MetaPromptsHead(Head):
         if self.is_depth:
             return silog_loss(model(images), target, self.options.silog_lambda)
         logits, aux_logits = model(images)
-        return segmentation_loss(logits, aux_logits, target, self.options.auxiliary_weight)["loss"]
+        return segmentation_loss(logits, aux_logits, target, self.options.auxiliary_weight, self.options.ce_average)["loss"]
 
     # --- validation and export --------------------------------------------------------------------
     @torch.no_grad()
@@ -215,17 +259,24 @@ class MetaPromptsHead(Head):
             image = sample["image"][None].to(device)
             if self.is_depth:
                 prediction = model(image)[0, 0].cpu()
-                colour = [visualize_depth(d, 0.0, self.options.max_depth)[0] for d in (prediction, sample["depth"][0])]
+                colour = [MetaPromptsImageProcessor.visualize_depth(d, 0.0, self.options.max_depth)[0] for d in (prediction, sample["depth"][0])]
                 rows.append([to_pil(sample["image"]), *colour])
             else:
                 labels = model(image)[0].argmax(1)[0].cpu()
-                paint = MetaPromptsSegmentationPipeline.visualize_segmentation
+                paint = MetaPromptsImageProcessor.visualize_segmentation
                 rows.append([to_pil(sample["image"]), paint(labels[None])[0], paint(sample["labels"][None])[0]])
         return make_grid(rows)
 
     def pipeline(self, model: torch.nn.Module):
-        kind = MetaPromptsDepthPipeline if self.is_depth else MetaPromptsSegmentationPipeline
-        return kind(vae=model.backbone.vae, unet=model.backbone.unet, head=model.head)
+        """The inference pipeline on the trained modules, with the inference defaults of the training
+        data: the official test settings for a paper dataset, the training size for synthetic scenes."""
+        data = self.recipe.data
+        settings = DATASET_SETTINGS.get(data.source, {"processing_resolution": self.options.crop_size or data.size})
+        common = dict(vae=model.backbone.vae, unet=model.backbone.unet, head=model.head,
+                      default_processing_resolution=settings["processing_resolution"], default_tta=data.source in DATASET_SETTINGS)
+        if self.is_depth:
+            return MetaPromptsDepthPipeline(**common, shift_windows=settings.get("shift_windows", 0))
+        return MetaPromptsSegmentationPipeline(**common, window=settings.get("window", 0), stride=settings.get("stride", 0))
 
     def export(self, model: torch.nn.Module, out_dir: Path) -> None:
         self.pipeline(model).save_pretrained(str(out_dir), safe_serialization=True)

@@ -49,9 +49,18 @@ def lovasz_softmax(probabilities: torch.Tensor, labels: torch.Tensor, ignore_ind
     return torch.stack(losses).mean()
 
 
-def segmentation_loss(logits: torch.Tensor, aux_logits: torch.Tensor, labels: torch.Tensor, aux_weight: float = 0.4) -> dict[str, torch.Tensor]:
-    """Decode head CE + Lovász-softmax (weight 1 each) and auxiliary FCN CE (weight `aux_weight`)."""
-    ce = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
+def segmentation_loss(logits: torch.Tensor, aux_logits: torch.Tensor, labels: torch.Tensor, aux_weight: float = 0.4,
+                      ce_average: str = "valid") -> dict[str, torch.Tensor]:
+    """Decode head CE + Lovász-softmax (weight 1 each) and auxiliary FCN CE (weight `aux_weight`).
+
+    ce_average "valid" divides the CE sum by the labelled pixels; "all" by every pixel (ignored
+    ones add 0), as mmseg 0.30's default does, so the CE weighs less where much is ignored.
+    """
+    def cross_entropy(x: torch.Tensor) -> torch.Tensor:
+        per_pixel = F.cross_entropy(x.float(), labels, ignore_index=IGNORE_INDEX, reduction="none")  # 0 where ignored
+        return per_pixel.mean() if ce_average == "all" else per_pixel.sum() / (labels != IGNORE_INDEX).sum().clamp_min(1)
+
+    ce = cross_entropy(logits)
     lovasz = lovasz_softmax(logits.float().softmax(dim=1), labels)
-    aux = F.cross_entropy(aux_logits.float(), labels, ignore_index=IGNORE_INDEX)
+    aux = cross_entropy(aux_logits)
     return {"loss": ce + lovasz + aux_weight * aux, "ce": ce, "lovasz": lovasz, "aux_ce": aux}

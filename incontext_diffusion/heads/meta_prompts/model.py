@@ -52,16 +52,26 @@ def time_embedding_dim(unet: UNet2DConditionModel) -> int:
 
 
 class UNetFeatureTaps:
-    """Forward hooks on a UNet: record f0..f3 and replace the time-MLP output by a given `temb`.
+    """Forward hooks on a UNet for one forward pass: record f0..f3 and replace the time-MLP output by `temb`.
 
-    Not an nn.Module, so the UNet stays where it is in the owner's state dict.
+    A context manager: the hooks exist only inside `with UNetFeatureTaps(unet, temb) as taps:`, so
+    the same UNet still works as a plain UNet, and several models can share it.
     """
 
-    def __init__(self, unet: UNet2DConditionModel):
+    def __init__(self, unet: UNet2DConditionModel, temb: torch.Tensor):
+        self.unet, self.temb = unet, temb
         self.features: list[torch.Tensor | None] = [None] * 4
-        self.temb: torch.Tensor | None = None
-        self.handles = [module.register_forward_hook(self._recorder(i)) for i, module in enumerate(tap_modules(unet))]
-        self.handles.append(unet.time_embedding.register_forward_hook(self._replace_temb))
+        self.handles: list = []
+
+    def __enter__(self) -> "UNetFeatureTaps":
+        self.handles = [module.register_forward_hook(self._recorder(i)) for i, module in enumerate(tap_modules(self.unet))]
+        self.handles.append(self.unet.time_embedding.register_forward_hook(lambda module, inputs, output: self.temb.to(output.dtype)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
 
     def _recorder(self, index: int):
         def hook(module, inputs, output):
@@ -69,15 +79,6 @@ class UNetFeatureTaps:
             self.features[index] = output[0] if isinstance(output, tuple) else output
 
         return hook
-
-    def _replace_temb(self, module, inputs, output):
-        if self.temb is None:
-            raise RuntimeError("UNetFeatureTaps: set .temb before running the UNet")
-        return self.temb.to(output.dtype)
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
 
 
 class MetaPromptsBackbone(nn.Module):
@@ -89,7 +90,7 @@ class MetaPromptsBackbone(nn.Module):
         self.vae.requires_grad_(False)
         # The time MLP is bypassed (its output is replaced), so it never gets a gradient.
         self.unet.time_embedding.requires_grad_(False)
-        self.taps = UNetFeatureTaps(unet)
+        tap_modules(unet)  # refuse a UNet without the taps when the model is built, not at its first call
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -104,10 +105,9 @@ class MetaPromptsBackbone(nn.Module):
         timestep = torch.zeros(batch, device=x.device, dtype=torch.long)  # ignored: its embedding is replaced
         loops = []
         for k, context in enumerate(contexts):
-            self.taps.temb = time_embeddings[k : k + 1].expand(batch, -1)
-            x = self.unet(x, timestep, encoder_hidden_states=context.to(x.dtype)).sample  # feedback for loop k + 1
-            loops.append(list(self.taps.features))
-        self.taps.temb = None
+            with UNetFeatureTaps(self.unet, time_embeddings[k : k + 1].expand(batch, -1)) as taps:
+                x = self.unet(x, timestep, encoder_hidden_states=context.to(x.dtype)).sample  # feedback for loop k + 1
+            loops.append(list(taps.features))
         return loops
 
 
