@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from incontext_diffusion.core.tiny import micro_components
+from incontext_diffusion.data.synthscenes import caption_vocabulary
 from incontext_diffusion.errors import UserError
 from incontext_diffusion.heads.prompt_diffusion.controlnet import PromptDiffusionControlNetModel
 from incontext_diffusion.heads.prompt_diffusion.data import SyntheticTriplets, as_tensors
@@ -18,7 +19,7 @@ TASKS = ["image_to_depth", "depth_to_image", "image_to_seg", "hed_to_image"]
 
 
 def build(tmp_path, **options):
-    components = micro_components(tmp_path, seed=0)
+    components = micro_components(caption_vocabulary(), tmp_path, seed=0)
     for module in (components.vae, components.text_encoder, components.unet):
         module.requires_grad_(False)
     opts = PromptDiffusionOptions(**options)
