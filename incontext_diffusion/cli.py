@@ -1,6 +1,9 @@
 """The `icd` command line (also `python -m incontext_diffusion`).
 
 Every user error exits with code 2 and one line on stderr; `icd --debug ...` shows the traceback.
+Each installed head's commands (infer, eval, extras) come from its commands module, found through
+the entry-point group `incontext_diffusion.heads` (see core/head.py). Nothing heavy is imported at
+module level here or in those modules: `icd --help`, `icd recipes` and `icd info` start at once.
 """
 
 from __future__ import annotations
@@ -11,8 +14,11 @@ import json
 import logging
 import os
 import platform
+import shutil
+import subprocess
 import sys
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, entry_points, version
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -23,7 +29,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
-from rich.table import Table
+from rich.table import Table  # noqa: E402
 
 from .errors import UserError  # noqa: E402
 
@@ -92,12 +98,7 @@ class InferOptions:
 
     def refuse_unused(self, uses: set[str], kind: str) -> None:
         """One line naming the first flag given that a `kind` model does not read."""
-        for name, value in vars(self).items():
-            if name in ("model", "seed") or name in uses:
-                continue
-            if value not in (None, False, [], ()):
-                flag = "--image" if name == "images" else "--" + name.replace("_", "-")
-                raise UserError(f"{flag} is not used by a {kind} model: drop it (this model reads {', '.join(sorted(uses)) or 'no options'})")
+        refuse_unused(self, uses, kind, always_read=("model", "seed"))
 
 
 @dataclass
@@ -119,9 +120,22 @@ class EvalOptions:
     device: str | None = None
     dtype: str | None = None
 
+    def refuse_unused(self, uses: set[str], kind: str) -> None:
+        """One line naming the first flag given that a `kind` model's evaluation does not read."""
+        refuse_unused(self, uses, kind, always_read=("model", "out", "seed", "num_samples"))
 
-# Pipeline class name (model_index.json's `_class_name`) -> handler(options). Heads add theirs in
-# their `commands.py` (see HEAD_COMMANDS below).
+
+def refuse_unused(options: InferOptions | EvalOptions, uses: set[str], kind: str, always_read: tuple[str, ...]) -> None:
+    for name, value in vars(options).items():
+        if name in always_read or name in uses:
+            continue
+        if value not in (None, False, [], ()):
+            flag = "--image" if name == "images" else "--" + name.replace("_", "-")
+            raise UserError(f"{flag} is not used by a {kind} model: drop it (this model reads {', '.join(sorted(uses)) or 'no options'})")
+
+
+# Pipeline class name (model_index.json's `_class_name`) -> handler(options). Each head's commands
+# module adds its own (see register_head_commands below).
 INFER_HANDLERS: dict[str, Callable[[InferOptions], None]] = {}
 EVAL_HANDLERS: dict[str, Callable[[EvalOptions], dict]] = {}
 
@@ -135,15 +149,10 @@ def quiet_loading() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def _pipeline_class(model: Path) -> str:
-    index = model / "model_index.json"
-    if not index.is_file():
-        raise UserError(f"{model} is not an exported model folder (no model_index.json): pass RUN_DIR/model of a training run")
-    return json.loads(index.read_text())["_class_name"]
-
-
 def _handler(table: dict, model: Path, verb: str) -> Callable:
-    kind = _pipeline_class(model)
+    from .core.model_folder import read_model_folder
+
+    kind = read_model_folder(model).class_name
     quiet_loading()
     if kind not in table:
         raise UserError(f"{model} holds a {kind}, which `icd {verb}` does not know: models it knows: {', '.join(sorted(table))}")
@@ -257,7 +266,7 @@ def data_cache(
 ) -> None:
     """Precompute the frozen encoders' outputs (VAE latents, text embeddings) of a recipe's training set."""
     from .core.head import load_head
-    from .data.cache import write_cache
+    from .core.cache import write_cache
     from .recipes import load_recipe
 
     head = load_head(load_recipe(recipe, set_))
@@ -341,47 +350,62 @@ def recipes() -> None:
 
 @app.command()
 def info() -> None:
-    """Print versions, devices, and whether the hub can be reached."""
-    import accelerate
-    import datasets
-    import diffusers
-    import torch
-    import transformers
-
+    """Print versions, devices, and whether the hub can be reached (without importing torch)."""
     from . import __version__
-    from .core.components import TINY_LDM, hub_reachable
+    from .core.hub import hub_reachable
+    from .core.model_folder import ASSETS
 
-    table = Table("item", "value")
+    def installed(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "not installed"
+
+    backbone = ASSETS / "tiny-ldm"
     rows = {
         "incontext_diffusion": __version__,
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
-        "accelerate": accelerate.__version__,
-        "datasets": datasets.__version__,
-        "cuda devices": ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "none",
-        "mps": str(torch.backends.mps.is_available()),
-        "cpu threads": str(torch.get_num_threads()),
+        **{package: installed(package) for package in ("torch", "diffusers", "transformers", "accelerate", "datasets")},
+        "cuda devices (nvidia-smi)": ", ".join(nvidia_gpus()) or "none",
+        "cpu threads": os.environ.get("OMP_NUM_THREADS") or str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()),
         "hub reachable": str(hub_reachable()),
-        "embedded backbone": f"{TINY_LDM} ({'present' if (TINY_LDM / 'model_index.json').is_file() else 'missing'})",
+        "embedded backbone": f"{backbone} ({'present' if (backbone / 'model_index.json').is_file() else 'missing'})",
+        "heads": ", ".join(sorted(ep.name for ep in entry_points(group="incontext_diffusion.heads"))),
     }
+    table = Table("item", "value")
     for key, value in rows.items():
         table.add_row(key, value)
     console.print(table)
 
 
-# Each built-in head registers its commands (convert, data annotate, ...) and its infer/eval
-# handlers here. A commands module imports nothing heavy at module level: `icd --help` stays fast.
-HEAD_COMMANDS = (
-    "incontext_diffusion.heads.tiny_ldm_commands",
-    "incontext_diffusion.heads.prompt_diffusion.commands",
-    "incontext_diffusion.heads.meta_prompts.commands",
-    "incontext_diffusion.heads.diff_prompt.commands",
-)
-for _module in HEAD_COMMANDS:
-    if importlib.util.find_spec(_module.rsplit(".", 1)[0]) and importlib.util.find_spec(_module):
-        importlib.import_module(_module).register(app=app, data_app=data_app, convert_app=convert_app, infer=INFER_HANDLERS, evaluate=EVAL_HANDLERS)
+def nvidia_gpus() -> list[str]:
+    """GPU names from `nvidia-smi -L` (importing torch to ask would take seconds)."""
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [line.split(":", 1)[1].split("(UUID")[0].strip() for line in listing.splitlines() if line.startswith("GPU ")]
+
+
+def register_head_commands() -> None:
+    """Import each installed head's commands module and let it register its commands.
+
+    A head's entry point names its class (`pkg.my_head.head:MyHead`); its commands module is the
+    package's `commands` (`pkg.my_head.commands`), if there is one (see core/head.py).
+    """
+    packages = {ep.module.rpartition(".")[0] for ep in entry_points(group="incontext_diffusion.heads")}
+    for module in sorted(f"{package}.commands" for package in packages if package):
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:  # the entry point's package is gone (an installed copy out of date): no commands
+            found = False
+        if found:
+            importlib.import_module(module).register(app=app, data_app=data_app, convert_app=convert_app, infer=INFER_HANDLERS, evaluate=EVAL_HANDLERS)
+
+
+register_head_commands()
 
 
 def main() -> None:

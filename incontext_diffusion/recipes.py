@@ -107,12 +107,10 @@ class TaskCard(Strict):
 
     name: str
     description: str
-    kind: Literal["generation", "perception", "grounding"]
     source: str  # modality of the query / input, e.g. "image", "depth", "hed", "seg", "canny"
     target: str
-    annotator: dict[str, str] = {}  # modality -> annotator name
+    annotator: dict[str, str] = {}  # modality -> annotator name (data/annotators.py), for each modality but "image"
     text: str | None = None  # fixed text of forward (image -> map) tasks; None: the image caption
-    seen_in_training: bool = True
 
 
 # ----------------------------------------------------------------------------- validation errors
@@ -229,10 +227,23 @@ def list_recipes() -> list[tuple[str, str]]:
 
 
 def load_task(name_or_path: str) -> TaskCard:
+    """Load and validate a task card; each modality's annotator must be a registered one that draws it."""
+    from .data.annotators import annotator_for  # the registry a card's annotator names refer to
+
     path = _find("tasks", name_or_path)
     data = read_yaml(path)
     data.setdefault("name", path.stem)
-    return validate(TaskCard, data, f"task card {path.stem}")
+    card = validate(TaskCard, data, f"task card {path.stem}")
+    for modality in dict.fromkeys((card.source, card.target)):
+        if modality == "image":
+            continue
+        if modality not in card.annotator:
+            raise UserError(f"task card {path.stem} names no annotator for {modality}: add `annotator: {{{modality}: NAME}}`")
+        try:
+            annotator_for(modality, card.annotator[modality])
+        except UserError as err:
+            raise UserError(f"task card {path.stem}: {err}") from None
+    return card
 
 
 def list_tasks() -> list[str]:

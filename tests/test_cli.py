@@ -2,11 +2,12 @@
 
 import sys
 import time
+from importlib.metadata import version
 
 import pytest
 
 from incontext_diffusion import cli
-from incontext_diffusion.core import components
+from incontext_diffusion.core import components, hub
 from incontext_diffusion.errors import UserError
 from incontext_diffusion.recipes import apply_overrides, load_recipe
 
@@ -47,14 +48,21 @@ def test_recipes_lists_names_with_descriptions(monkeypatch, capsys):
     assert "Train the embedded tiny" in out
 
 
-def test_info_reports_versions_and_hub(monkeypatch, capsys):
+def test_info_reports_versions_hub_and_heads(monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("COLUMNS", "200")
     code, out, _ = run_icd(monkeypatch, capsys, "info")
     assert code == 0
-    import torch
-
-    assert torch.__version__ in out
+    assert version("torch") in out and version("diffusers") in out
     assert "hub reachable" in out and "False" in out
+    assert "prompt_diffusion" in out and "tiny_ldm" in out  # the installed heads
+
+
+def test_head_commands_are_registered_from_the_entry_points(monkeypatch, capsys):
+    assert cli.INFER_HANDLERS["StableDiffusionPipeline"].__module__ == "incontext_diffusion.heads.tiny_ldm.commands"
+    assert "PromptDiffusionPipeline" in cli.EVAL_HANDLERS
+    code, out, _ = run_icd(monkeypatch, capsys, "convert", "--help")
+    assert code == 0 and "prompt-diffusion" in out and "meta-prompts" in out  # extras a head adds
 
 
 def test_recipe_typo_names_the_closest_recipe(monkeypatch, capsys):
@@ -102,9 +110,9 @@ def test_hub_id_offline_fails_fast_with_one_line(monkeypatch, capsys):
 def test_hub_unreachable_without_offline_flag_is_detected_quickly(monkeypatch):
     # A closed local port stands in for a network that refuses the hub.
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(components, "HUB_HOST", "127.0.0.1")
+    monkeypatch.setattr(hub, "HUB_HOST", "127.0.0.1")
     start = time.perf_counter()
-    assert components.hub_reachable() is False
+    assert hub.hub_reachable() is False
     assert time.perf_counter() - start < 2.0
 
 

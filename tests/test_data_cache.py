@@ -6,7 +6,7 @@ from accelerate.state import AcceleratorState, GradientState
 
 from incontext_diffusion.core.head import load_head
 from incontext_diffusion.core.trainer import train
-from incontext_diffusion.data.cache import load_cache, write_cache
+from incontext_diffusion.core.cache import load_cache, write_cache
 from incontext_diffusion.errors import UserError
 from incontext_diffusion.recipes import load_recipe
 

@@ -14,6 +14,7 @@ from incontext_diffusion.errors import UserError
 from incontext_diffusion.heads.diff_prompt import commands
 from incontext_diffusion.heads.diff_prompt.head import _as_batch
 from incontext_diffusion.core.tiny import micro_components
+from incontext_diffusion.data.synthscenes import caption_vocabulary
 from incontext_diffusion.heads.diff_prompt.pipeline import GroundingPipeline, MaskGenerationPipeline
 from incontext_diffusion.heads.diff_prompt.tiny import tiny_clip_with_backbone_text
 from incontext_diffusion.recipes import load_recipe
@@ -28,7 +29,7 @@ def run_recipe(name: str, out, *overrides: str):
 
 def micro_backbone(folder):
     """A random micro stand-in for assets/tiny-ldm: text_encoder/, tokenizer/ and vae/ (x4)."""
-    parts = micro_components(folder / "tokenizer_src")
+    parts = micro_components(caption_vocabulary(), folder / "tokenizer_src")
     parts.text_encoder.save_pretrained(str(folder / "text_encoder"))
     parts.tokenizer.save_pretrained(str(folder / "tokenizer"))
     parts.vae.save_pretrained(str(folder / "vae"))

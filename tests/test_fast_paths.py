@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from incontext_diffusion.core.head import load_head
 from incontext_diffusion.core.tiny import micro_components
+from incontext_diffusion.data.synthscenes import caption_vocabulary
 from incontext_diffusion.core.trainer import apply_fast_paths, make_optimizer, train
 from incontext_diffusion.errors import UserError
 from incontext_diffusion.recipes import TrainConfig, load_recipe
@@ -24,7 +25,7 @@ def restore_global_state():
 
 
 def micro_unet_and_inputs(tmp_path):
-    unet = micro_components(tmp_path / "tokenizer", seed=0).unet
+    unet = micro_components(caption_vocabulary(), tmp_path / "tokenizer", seed=0).unet
     generator = torch.Generator().manual_seed(1)
     inputs = (torch.randn(2, 4, 16, 16, generator=generator), torch.tensor([10, 700]), torch.randn(2, 5, 8, generator=generator))
     return unet, inputs
@@ -53,7 +54,7 @@ def test_channels_last_matches_and_changes_the_layout(tmp_path):
 
 
 def test_compile_matches_in_forward_and_backward_and_keeps_parameter_names(tmp_path):
-    vae = micro_components(tmp_path / "tokenizer", seed=0).vae  # the smallest diffusers model here: a short trace
+    vae = micro_components(caption_vocabulary(), tmp_path / "tokenizer", seed=0).vae  # the smallest diffusers model here: a short trace
     images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     names = list(vae.state_dict())
     vae(images).sample.square().mean().backward()

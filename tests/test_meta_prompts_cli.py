@@ -15,6 +15,7 @@ from ldm_names import ldm_unet_state
 from incontext_diffusion.core.components import save_components
 from incontext_diffusion.core.head import load_head
 from incontext_diffusion.core.tiny import micro_components
+from incontext_diffusion.data.synthscenes import caption_vocabulary
 from incontext_diffusion.core.trainer import train
 from incontext_diffusion.errors import UserError
 from incontext_diffusion.heads.meta_prompts.convert import convert_checkpoint, head_state_dict
@@ -27,7 +28,7 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="module")
 def backbone(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("micro") / "backbone"
-    save_components(micro_components(tmp_path_factory.mktemp("tok")), folder)
+    save_components(micro_components(caption_vocabulary(), tmp_path_factory.mktemp("tok")), folder)
     return folder
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+from incontext_diffusion.data.synthscenes import caption_vocabulary
 from incontext_diffusion.core.tiny import build_unet, micro_components
 from incontext_diffusion.errors import UserError
 from incontext_diffusion.heads.meta_prompts.decoders import MetaPromptsDepthHead, MetaPromptsSegmentationHead
@@ -23,7 +24,7 @@ torch.set_num_threads(2)
 
 @pytest.fixture(scope="module")
 def components(tmp_path_factory):
-    return micro_components(tmp_path_factory.mktemp("tok"), seed=0)
+    return micro_components(caption_vocabulary(), tmp_path_factory.mktemp("tok"), seed=0)
 
 
 def head_kwargs(unet):

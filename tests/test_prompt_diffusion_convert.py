@@ -7,6 +7,7 @@ from safetensors.torch import save_file
 
 from incontext_diffusion.core.components import save_components
 from incontext_diffusion.core.tiny import micro_components
+from incontext_diffusion.data.synthscenes import caption_vocabulary
 from incontext_diffusion.errors import UserError
 from incontext_diffusion.heads.prompt_diffusion.controlnet import PromptDiffusionControlNetModel
 from incontext_diffusion.heads.prompt_diffusion.convert import convert_checkpoint, convert_state, load_state_dict
@@ -28,7 +29,7 @@ def random_controlnet(unet) -> PromptDiffusionControlNetModel:
 @pytest.fixture(scope="module")
 def micro(tmp_path_factory):
     folder = tmp_path_factory.mktemp("micro")
-    components = micro_components(folder / "tok", seed=0)
+    components = micro_components(caption_vocabulary(), folder / "tok", seed=0)
     save_components(components, folder / "base")
     return components, folder / "base"
 

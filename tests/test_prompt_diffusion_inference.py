@@ -9,6 +9,7 @@ import torch
 from diffusers import ImagePipelineOutput
 from PIL import Image
 
+from incontext_diffusion.data.synthscenes import caption_vocabulary
 from incontext_diffusion.cli import EvalOptions, InferOptions
 from incontext_diffusion.core.tiny import micro_components
 from incontext_diffusion.errors import UserError
@@ -22,7 +23,7 @@ torch.set_num_threads(2)
 
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory):
-    components = micro_components(tmp_path_factory.mktemp("tok"), seed=0)
+    components = micro_components(caption_vocabulary(), tmp_path_factory.mktemp("tok"), seed=0)
     torch.manual_seed(1)
     controlnet = PromptDiffusionControlNetModel.from_unet(components.unet, conditioning_embedding_out_channels=(8, 8, 8))
     for layer in [controlnet.controlnet_cond_embedding.conv_out, controlnet.controlnet_query_cond_embedding.conv_out,

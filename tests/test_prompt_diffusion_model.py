@@ -9,6 +9,7 @@ from diffusers.models.controlnets.controlnet import ControlNetConditioningEmbedd
 from PIL import Image
 
 from incontext_diffusion.core.tiny import inference_scheduler, micro_components
+from incontext_diffusion.data.synthscenes import caption_vocabulary
 from incontext_diffusion.heads.prompt_diffusion.controlnet import PromptDiffusionControlNetModel, conditioning_channels_for
 from incontext_diffusion.heads.prompt_diffusion.pipeline import PromptDiffusionPipeline
 
@@ -18,7 +19,7 @@ EMBEDDING = (8, 8, 8)  # x4, the micro VAE's factor
 
 @pytest.fixture(scope="module")
 def components(tmp_path_factory):
-    return micro_components(tmp_path_factory.mktemp("tok"), seed=0)
+    return micro_components(caption_vocabulary(), tmp_path_factory.mktemp("tok"), seed=0)
 
 
 def randomised_controlnet(unet, seed=1) -> PromptDiffusionControlNetModel:

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from incontext_diffusion.core.tiny import micro_components
+from incontext_diffusion.data.synthscenes import caption_vocabulary
 from incontext_diffusion.errors import UserError
 from incontext_diffusion.heads.prompt_diffusion.controlnet import PromptDiffusionControlNetModel
 from incontext_diffusion.heads.prompt_diffusion.data import HELD_OUT_SEED, as_tensors, synthetic_triplet, with_task_texts
@@ -40,7 +41,7 @@ def test_recipe_task_texts_replace_the_cards_and_unknown_names_are_refused():
 
 
 def test_a_task_text_longer_than_the_tokenizer_is_refused(tmp_path):
-    tokenizer = micro_components(tmp_path, seed=0).tokenizer
+    tokenizer = micro_components(caption_vocabulary(), tmp_path, seed=0).tokenizer
     check_task_texts([load_task("image_to_depth").model_copy(update={"text": "a red cube"})], tokenizer)
     too_long = load_task("image_to_seg").model_copy(update={"text": " ".join(["red"] * tokenizer.model_max_length)})
     with pytest.raises(UserError, match="model.task_texts.image_to_seg"):
@@ -48,7 +49,7 @@ def test_a_task_text_longer_than_the_tokenizer_is_refused(tmp_path):
 
 
 def build(tmp_path, train_vae_decoder: bool):
-    components = micro_components(tmp_path, seed=0)
+    components = micro_components(caption_vocabulary(), tmp_path, seed=0)
     options = PromptDiffusionOptions(train_vae_decoder=train_vae_decoder, vae_decoder_samples=2, text_dropout=0, pair_dropout=0, both_dropout=0)
     freeze_backbone(components, options)  # the head's own freezing
     controlnet = PromptDiffusionControlNetModel.from_unet(components.unet, conditioning_embedding_out_channels=(8, 8, 8))

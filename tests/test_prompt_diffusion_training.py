@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from incontext_diffusion.core.tiny import micro_components
+from incontext_diffusion.data.synthscenes import caption_vocabulary
 from incontext_diffusion.errors import UserError
 from incontext_diffusion.heads.prompt_diffusion.controlnet import PromptDiffusionControlNetModel
 from incontext_diffusion.heads.prompt_diffusion.data import SyntheticTriplets, as_tensors
@@ -24,7 +25,7 @@ TASKS = ["image_to_depth", "depth_to_image", "image_to_seg", "hed_to_image"]
 
 
 def build(tmp_path, **options):
-    components = micro_components(tmp_path, seed=0)
+    components = micro_components(caption_vocabulary(), tmp_path, seed=0)
     opts = PromptDiffusionOptions(**options)
     freeze_backbone(components, opts)  # the head's own freezing
     controlnet = PromptDiffusionControlNetModel.from_unet(components.unet, conditioning_embedding_out_channels=(8, 8, 8))

@@ -11,10 +11,7 @@ A backbone is named by one string:
 
 from __future__ import annotations
 
-import os
 import pickle
-import socket
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,46 +19,10 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusi
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ..errors import UserError
+from .backbone import Components, token_ids  # noqa: F401 (re-exported: the heads import them from here)
+from .hub import hub_reachable
 
 TINY_LDM = Path(__file__).resolve().parent.parent.parent / "assets" / "tiny-ldm"
-HUB_HOST = "huggingface.co"
-
-
-@dataclass
-class Components:
-    """The frozen pieces every head builds on."""
-
-    vae: AutoencoderKL
-    unet: UNet2DConditionModel
-    text_encoder: CLIPTextModel
-    tokenizer: CLIPTokenizer
-    noise_scheduler: DDPMScheduler  # the training noise schedule (eps-prediction unless the config says otherwise)
-    source: str
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    def encode_text(self, texts: list[str]) -> torch.Tensor:
-        """Last hidden state of the text encoder for `token_ids(texts)` (SD convention)."""
-        return self.text_encoder(token_ids(self.tokenizer, texts).to(self.text_encoder.device))[0]
-
-
-
-def token_ids(tokenizer: CLIPTokenizer, texts: list[str]) -> torch.Tensor:
-    """Token ids padded (and truncated) to the tokenizer's max length: the SD convention."""
-    return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
-
-
-def hub_reachable(timeout: float = 1.5) -> bool:
-    """True when the hub answers a TCP connection; False at once when HF_HUB_OFFLINE is set."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return False
-    try:
-        with socket.create_connection((HUB_HOST, 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def _is_hub_cached(repo_id: str) -> bool:

@@ -2,7 +2,8 @@
 
 `icd infer`, `icd eval`, the app and `load_pipeline` all read a folder through `read_model_folder`,
 so a broken or foreign folder gets the same one-line error everywhere, and recipe settings come
-back validated (with the recipe schema's defaults) instead of as raw YAML.
+back validated (with the recipe schema's defaults) instead of as raw YAML. `load_pipeline` gives
+any exported folder (or shipped model name) as the pipeline class its `_class_name` names.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -64,3 +66,13 @@ def read_model_folder(path: str | Path) -> ModelFolder:
             raise UserError(f"{recipe_file} is not valid YAML ({str(err).splitlines()[0]}): re-export the model or restore the file") from None
         recipe = validate(Recipe, data or {}, str(recipe_file))
     return ModelFolder(path, index["_class_name"], index, recipe)
+
+
+def load_pipeline(name_or_path: str | Path, **kwargs: Any) -> Any:
+    """The pipeline of an exported folder or a shipped model (`tiny-ldm`), as the class its
+    model_index.json names, found through the head that made it; `kwargs` go to `from_pretrained`."""
+    from .head import pipeline_class
+
+    folder = read_model_folder(resolve_model(name_or_path))
+    cls = pipeline_class(folder.class_name, folder.recipe.head if folder.recipe else None)
+    return cls.from_pretrained(str(folder.path), **kwargs)

@@ -18,7 +18,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from .components import Components
+from .backbone import Components
 
 # (vae channels, unet channels, text width, text layers, attention head dim)
 SCALES = {
@@ -122,12 +122,11 @@ def build_components(words: list[str], tokenizer_dir: Path, scale: str = "tiny")
     )
 
 
-def micro_components(tokenizer_dir: Path, seed: int = 0) -> Components:
-    """Random micro components with the tiny structure, for unit tests (a few thousand parameters each)."""
-    from ..data.synthscenes import caption_vocabulary
-
+def micro_components(words: list[str], tokenizer_dir: Path, seed: int = 0) -> Components:
+    """Random micro components with the tiny structure, for unit tests (a few thousand parameters each);
+    `words` is the tokenizer's vocabulary (the scenes' `caption_vocabulary()`)."""
     torch.manual_seed(seed)
-    return build_components(caption_vocabulary(), tokenizer_dir, scale="micro")
+    return build_components(words, tokenizer_dir, scale="micro")
 
 
 def inference_scheduler() -> DDIMScheduler:

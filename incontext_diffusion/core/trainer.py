@@ -23,7 +23,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from ..data.cache import load_cache
+from .cache import load_cache
 from ..errors import UserError
 from .checkpoints import atomic_export, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint, write_model_card
 from .head import Head

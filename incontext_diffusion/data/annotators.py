@@ -1,22 +1,27 @@
-"""Condition maps for in-context tasks: real annotators with an on-disk cache, and exact maps of
-synthetic scenes.
+"""Condition maps for in-context tasks: a registry of annotators keyed by the task cards' names.
+
+A task card names, for each modality it uses, the annotator that makes its maps
+(`annotator: {depth: midas}`). An annotator is registered once, with `register_annotator`: the
+modality it draws, the exact map of a synthetic scene (no weights, no download), and optionally
+the loader of its real-image model. A new modality is therefore one registered function and a card.
 
 Real images (Prompt Diffusion spec, "Annotators"):
-- depth: controlnet-aux `MidasDetector` (DPT-Hybrid, `lllyasviel/Annotators` dpt_hybrid-midas-501f0c75.pt),
-  min-max normalised like the paper;
-- hed: controlnet-aux `HEDdetector` (`ControlNetHED.pth`, HED 1.1; the paper used ControlNet-1.0's HED);
-- seg: transformers UperNet on ADE20K (`openmmlab/upernet-convnext-small`) drawn with the ADE palette
-  (the paper used UniFormer; a documented deviation);
-- canny: controlnet-aux `CannyDetector` (thresholds 100/200), no weights.
-Every map is an RGB uint8 image of the input's size, saved as `{stem}_{task}.png` in the cache
+- depth (`midas`): controlnet-aux `MidasDetector` (DPT-Hybrid, `lllyasviel/Annotators`
+  dpt_hybrid-midas-501f0c75.pt), min-max normalised like the paper;
+- hed (`hed`): controlnet-aux `HEDdetector` (`ControlNetHED.pth`, HED 1.1; the paper used ControlNet-1.0's HED);
+- seg (`upernet_ade20k`): transformers UperNet on ADE20K (`openmmlab/upernet-convnext-small`) drawn
+  with the ADE palette (the paper used UniFormer; a documented deviation);
+- canny (`canny`): OpenCV's Canny (thresholds 100/200), no weights;
+- normal (`midas_normal`): synthetic scenes only (their exact normals).
+Every map is an RGB uint8 image of the input's size, saved as `{stem}_{modality}.png` in the cache
 folder; an existing file is never recomputed, so an interrupted run resumes where it stopped.
-
-Synthetic scenes carry their own exact maps (`synthetic_map`): no annotator, no download.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -26,16 +31,50 @@ from ..core.images import list_images, load_rgb, save_image
 from ..errors import UserError
 from .synthscenes import Scene
 
-ANNOTATOR_WEIGHTS = {
-    "depth": "lllyasviel/Annotators (dpt_hybrid-midas-501f0c75.pt)",
-    "hed": "lllyasviel/Annotators (ControlNetHED.pth)",
-    "seg": "openmmlab/upernet-convnext-small",
-    "canny": None,
-}
+Map = np.ndarray  # HxWx3 uint8
 # Semantic classes of the synthetic scenes (floor, wall, sphere, cube, cylinder) in ADE20K colours:
 # floor, wall, then ball, box and column (pole for the cylinder).
 SYNTHETIC_SEG_PALETTE = np.array([(80, 50, 50), (120, 120, 120), (0, 255, 20), (0, 255, 255), (255, 0, 112)], np.uint8)
-MODALITIES = ("image", "depth", "hed", "seg", "canny", "normal")
+
+
+@dataclass(frozen=True)
+class Annotator:
+    """How one modality's maps are made: exactly from a synthetic scene, and (if it can) from a photo."""
+
+    modality: str
+    from_scene: Callable[[Scene], Map]
+    load: Callable[[], Callable[[Map], Map]] | None = None  # builds the photo annotator (loads its weights)
+    weights: str | None = None  # what `load` needs, named in the offline message
+
+
+ANNOTATORS: dict[str, Annotator] = {}
+
+
+def register_annotator(name: str, modality: str, from_scene: Callable[[Scene], Map],
+                       load: Callable[[], Callable[[Map], Map]] | None = None, weights: str | None = None) -> None:
+    """Make `name` usable in task cards (`annotator: {modality: name}`)."""
+    if modality == "image":
+        raise ValueError("'image' is the scene or photo itself: it needs no annotator")
+    ANNOTATORS[name] = Annotator(modality, from_scene, load, weights)
+
+
+def modalities() -> list[str]:
+    """Every modality a map can be made for, the image first."""
+    return ["image", *dict.fromkeys(a.modality for a in ANNOTATORS.values())]
+
+
+def annotator_for(modality: str, name: str | None = None) -> Annotator:
+    """The annotator `name` (checked to draw `modality`), or the first one registered for `modality`."""
+    if name is not None:
+        if name not in ANNOTATORS:
+            raise UserError(f"unknown annotator '{name}': choose one of {', '.join(sorted(ANNOTATORS))} (or register one in data/annotators.py)")
+        if ANNOTATORS[name].modality != modality:
+            raise UserError(f"annotator '{name}' draws {ANNOTATORS[name].modality} maps, not {modality}: name a {modality} annotator")
+        return ANNOTATORS[name]
+    for annotator in ANNOTATORS.values():
+        if annotator.modality == modality:
+            return annotator
+    raise UserError(f"unknown modality '{modality}': choose one of {', '.join(modalities())}")
 
 
 def gray_to_rgb(gray: np.ndarray) -> np.ndarray:
@@ -55,53 +94,54 @@ def canny(rgb: np.ndarray, low: int = 100, high: int = 200) -> np.ndarray:
     return gray_to_rgb(cv2.Canny(rgb, low, high))
 
 
-def synthetic_map(scene: Scene, modality: str) -> np.ndarray:
-    """The exact `modality` map of a synthetic scene as an HxWx3 uint8 image."""
+def synthetic_map(scene: Scene, modality: str, annotator: str | None = None) -> Map:
+    """The exact `modality` map of a synthetic scene as an HxWx3 uint8 image (`annotator`: a card's choice)."""
     if modality == "image":
         return scene.rgb
-    if modality == "depth":
-        return depth_to_image(scene.depth)
-    if modality == "hed":
-        return gray_to_rgb(scene.edges)
-    if modality == "seg":
-        return SYNTHETIC_SEG_PALETTE[scene.semantic]
-    if modality == "canny":
-        return canny(scene.rgb)
-    if modality == "normal":
-        return np.round((scene.normals + 1.0) / 2.0 * 255.0).astype(np.uint8)
-    raise UserError(f"unknown modality '{modality}': choose one of {', '.join(MODALITIES)}")
+    return annotator_for(modality, annotator).from_scene(scene)
 
 
 # ---------------------------------------------------------------------------- real annotators
 
 
-def offline_message(task: str) -> str:
+def offline_message(modality: str, weights: str) -> str:
     return (
-        f"the {task} annotator needs the weights {ANNOTATOR_WEIGHTS[task]}, which are not on this machine and the hub is unreachable: "
+        f"the {modality} annotator needs the weights {weights}, which are not on this machine and the hub is unreachable: "
         "download them once with network access (they are cached), or train on synthetic scenes (data.source: synthscenes)"
     )
 
 
-def load_annotator(task: str):
-    """A callable RGB uint8 array -> RGB uint8 map of the same size, for one task."""
-    if task not in ANNOTATOR_WEIGHTS:
-        raise UserError(f"unknown annotation task '{task}': choose from {', '.join(ANNOTATOR_WEIGHTS)}")
-    if task == "canny":
-        return canny
+def load_annotator(modality: str, name: str | None = None) -> Callable[[Map], Map]:
+    """A callable RGB uint8 array -> RGB uint8 map of the same size: the annotator `name`, or the
+    first registered one that annotates photos for `modality`."""
+    if name is None:
+        for_photos = [a for a in ANNOTATORS.values() if a.load is not None]
+        matching = [a for a in for_photos if a.modality == modality]
+        if not matching:
+            raise UserError(f"unknown annotation task '{modality}': choose from {', '.join(dict.fromkeys(a.modality for a in for_photos))}")
+        annotator = matching[0]
+    else:
+        annotator = annotator_for(modality, name)
+        if annotator.load is None:
+            raise UserError(f"annotator '{name}' draws synthetic scenes only: annotate photos with another {modality} annotator")
     try:
-        if task == "depth":
-            from controlnet_aux import MidasDetector
-
-            detector = MidasDetector.from_pretrained("lllyasviel/Annotators")
-            return lambda rgb: _resized(detector(rgb, output_type="np"), rgb)
-        if task == "hed":
-            from controlnet_aux import HEDdetector
-
-            detector = HEDdetector.from_pretrained("lllyasviel/Annotators")
-            return lambda rgb: _resized(detector(rgb, output_type="np"), rgb)
-        return _upernet_ade20k(ANNOTATOR_WEIGHTS["seg"])
+        return annotator.load()
     except OSError:
-        raise UserError(offline_message(task)) from None
+        raise UserError(offline_message(modality, annotator.weights)) from None
+
+
+def _midas():
+    from controlnet_aux import MidasDetector
+
+    detector = MidasDetector.from_pretrained("lllyasviel/Annotators")
+    return lambda rgb: _resized(detector(rgb, output_type="np"), rgb)
+
+
+def _hed():
+    from controlnet_aux import HEDdetector
+
+    detector = HEDdetector.from_pretrained("lllyasviel/Annotators")
+    return lambda rgb: _resized(detector(rgb, output_type="np"), rgb)
 
 
 def _resized(annotated: np.ndarray, rgb: np.ndarray) -> np.ndarray:
@@ -110,7 +150,7 @@ def _resized(annotated: np.ndarray, rgb: np.ndarray) -> np.ndarray:
     return np.asarray(load_rgb(image, size=(rgb.shape[1], rgb.shape[0])))
 
 
-def _upernet_ade20k(name: str):
+def _upernet_ade20k(name: str = "openmmlab/upernet-convnext-small"):
     import torch
     from transformers import AutoImageProcessor, UperNetForSemanticSegmentation
 
@@ -175,10 +215,17 @@ def list_images_or_none(folder: Path) -> list[Path]:
 
 
 def is_map_file(path: Path) -> bool:
-    return any(path.stem.endswith(f"_{task}") for task in (*ANNOTATOR_WEIGHTS, "normal"))
+    return any(path.stem.endswith(f"_{modality}") for modality in modalities()[1:])
 
 
 def map_path(image_path: Path, task: str, source: Path, cache: Path | None) -> Path:
     """Where the `task` map of `image_path` is stored (PNG: lossless, unlike the paper's JPEGs)."""
     folder = image_path.parent if cache is None else Path(cache) / image_path.parent.relative_to(source)
     return folder / f"{image_path.stem}_{task}.png"
+
+
+register_annotator("midas", "depth", lambda scene: depth_to_image(scene.depth), _midas, "lllyasviel/Annotators (dpt_hybrid-midas-501f0c75.pt)")
+register_annotator("hed", "hed", lambda scene: gray_to_rgb(scene.edges), _hed, "lllyasviel/Annotators (ControlNetHED.pth)")
+register_annotator("upernet_ade20k", "seg", lambda scene: SYNTHETIC_SEG_PALETTE[scene.semantic], _upernet_ade20k, "openmmlab/upernet-convnext-small")
+register_annotator("canny", "canny", lambda scene: canny(scene.rgb), lambda: canny)
+register_annotator("midas_normal", "normal", lambda scene: np.round((scene.normals + 1.0) / 2.0 * 255.0).astype(np.uint8))

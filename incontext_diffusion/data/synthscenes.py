@@ -36,8 +36,8 @@ import torch
 from PIL import Image
 from rich.progress import track
 
-from incontext_diffusion.core.images import depth_to_uint16
-from incontext_diffusion.errors import UserError
+from ..core.images import depth_to_uint16
+from ..errors import UserError
 
 CLASSES = ("floor", "wall", "sphere", "cube", "cylinder")
 SHAPES = ("sphere", "cube", "cylinder")

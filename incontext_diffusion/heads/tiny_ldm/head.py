@@ -5,29 +5,40 @@ scenes *and their maps* (depth, edges, semantic colours, normals, canny; MSE + a
 SD's VAE reproduces such maps, so that the heads that generate or read maps can use it; then, with the VAE frozen, the UNet and the CLIP text encoder learn
 eps-prediction on the scaled latents, with 10% empty captions so that classifier-free guidance
 works. The export is a plain `StableDiffusionPipeline` folder: this is what `backbone: tiny` loads.
+Its model_index.json also holds the inference defaults (`INFERENCE_DEFAULTS_KEY`: steps, guidance),
+which `icd infer` and `icd eval` read; the key is private (`_`), so diffusers loads the folder
+without a warning.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
-from rich.progress import Progress, track
 from pydantic import BaseModel, ConfigDict, Field
+from rich.progress import Progress, track
 
-from ..core import tiny
-from ..core.components import Components, load_components, text_to_image_pipeline, token_ids
-from ..core.head import Head
-from ..core.images import make_grid, save_image, to_pil
-from ..data.annotators import synthetic_map
-from ..data.synthscenes import COLOURS, FLOOR_RGB, SHAPES, SIZES, WALL_RGB, SynthScenesDataset, caption_vocabulary, render_scene
+from ...core import tiny
+from ...core.components import Components, load_components, text_to_image_pipeline, token_ids
+from ...core.head import Head
+from ...core.images import make_grid, save_image, to_pil
+from ...core.model_folder import read_model_folder
+from ...data.annotators import synthetic_map
+from ...data.synthscenes import COLOURS, FLOOR_RGB, SHAPES, SIZES, WALL_RGB, SynthScenesDataset, caption_vocabulary, render_scene
+from ...errors import UserError
+from ...metrics.speed import SpeedMeter
 
 VALIDATION_CAPTIONS = [f"a large {colour} {shape}" for colour, shape in zip(COLOURS, SHAPES * 3)]
 # What the VAE learns to reproduce; "image" is the scene itself, the rest are the heads' maps.
 VAE_MODALITIES = ("image", "depth", "hed", "seg", "normal", "canny")
+INFERENCE_DEFAULTS_KEY = "_inference_defaults"  # in model_index.json: {"num_inference_steps": ..., "guidance_scale": ...}
+# The settings of folders whose model_index.json holds no inference defaults (exported before the
+# head wrote them, or made by diffusers itself); a folder's own defaults always win.
+FALLBACK_DEFAULTS = {"num_inference_steps": 25, "guidance_scale": 4.0}
 
 
 def image_tensor(rgb: np.ndarray) -> torch.Tensor:
@@ -44,7 +55,8 @@ class TinyLDMOptions(BaseModel):
     vae_image_share: float = Field(0.3, ge=0, le=1)
     caption_dropout: float = Field(0.1, ge=0, le=1)  # empty caption, for classifier-free guidance
     validation_steps: int = Field(20, ge=1)  # DDIM steps of the validation samples
-    guidance_scale: float = Field(4.0, ge=1)
+    inference_steps: int = Field(25, ge=1)  # exported as the folder's default DDIM steps
+    guidance_scale: float = Field(4.0, ge=1)  # validation samples and the folder's default guidance
 
 
 class TinyLDM(torch.nn.Module):
@@ -92,6 +104,8 @@ class TinyLDMHead(Head):
     """Trains `assets/tiny-ldm` (recipe `tiny_ldm`)."""
 
     Options = TinyLDMOptions
+    data_keys = frozenset({"size", "num_samples", "seed", "min_objects", "max_objects"})  # synthetic scenes only
+    pipeline_classes = (StableDiffusionPipeline,)
     has_unused_parameters = True  # each stage trains only part of the module
 
     def build(self) -> None:
@@ -148,6 +162,10 @@ class TinyLDMHead(Head):
 
     def export(self, model: TinyLDM, out_dir: Path) -> None:
         self.pipeline(model).save_pretrained(str(out_dir), safe_serialization=True)
+        index_file = out_dir / "model_index.json"
+        index = json.loads(index_file.read_text())
+        index[INFERENCE_DEFAULTS_KEY] = {"num_inference_steps": self.options.inference_steps, "guidance_scale": self.options.guidance_scale}
+        index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
     def model_card(self) -> str:
         return (
@@ -158,13 +176,22 @@ class TinyLDMHead(Head):
         )
 
 
+def inference_defaults(model_dir: Path) -> dict:
+    """The folder's default steps and guidance: what `icd infer` and `icd eval` both use unless flags say otherwise."""
+    stored = read_model_folder(model_dir).index.get(INFERENCE_DEFAULTS_KEY, {})
+    unknown = sorted(set(stored) - set(FALLBACK_DEFAULTS)) if isinstance(stored, dict) else [repr(stored)]
+    if unknown:
+        raise UserError(f"{model_dir / 'model_index.json'}: {INFERENCE_DEFAULTS_KEY} holds {', '.join(unknown)}: keep only {', '.join(FALLBACK_DEFAULTS)}")
+    return {**FALLBACK_DEFAULTS, **stored}
+
+
 def load_pipeline(model_dir: Path) -> StableDiffusionPipeline:
     pipe = StableDiffusionPipeline.from_pretrained(str(model_dir), safety_checker=None, requires_safety_checker=False, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def generate(pipe: StableDiffusionPipeline, prompts: list[str], steps: int, guidance: float, seed: int, output_type: str = "pil"):
+def generate(pipe: StableDiffusionPipeline, prompts: list[str], steps: int, guidance: float, generator: torch.Generator, output_type: str = "pil"):
     """Run the pipeline with one rich progress bar over the denoising steps."""
     with Progress(transient=True) as progress:
         task = progress.add_task("denoising", total=steps)
@@ -173,20 +200,25 @@ def generate(pipe: StableDiffusionPipeline, prompts: list[str], steps: int, guid
             progress.advance(task)
             return callback_kwargs
 
-        generator = torch.Generator().manual_seed(seed)
         return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generator, output_type=output_type, callback_on_step_end=on_step_end).images
 
 
-def text_to_image(model_dir: Path, prompt: str, out: Path, steps: int = 25, guidance: float = 4.0, seed: int = 0, num_images: int = 1) -> None:
+def text_to_image(model_dir: Path, prompt: str, out: Path, steps: int, guidance: float, seed: int = 0, num_images: int = 1) -> None:
     """`icd infer` for a text-to-image model: one image, or a grid of `num_images`."""
-    images = generate(load_pipeline(model_dir), [prompt] * num_images, steps, guidance, seed)
+    images = generate(load_pipeline(model_dir), [prompt] * num_images, steps, guidance, torch.Generator().manual_seed(seed))
     save_image(images[0] if num_images == 1 else make_grid(images, ncols=min(num_images, 8)), out)
 
 
-def evaluate_text_to_image(model_dir: Path, num_samples: int = 64, steps: int = 25, guidance: float = 4.0, seed: int = 0) -> dict:
-    """`icd eval` for a text-to-image model trained on synthetic scenes: colour agreement."""
-    agreement = colour_agreement(load_pipeline(model_dir), n=num_samples, steps=steps, guidance_scale=guidance, seed=seed)
-    return {"colour_agreement": agreement, "num_samples": num_samples, "steps": steps, "guidance_scale": guidance}
+def evaluate_text_to_image(model_dir: Path, num_samples: int, steps: int, guidance: float, seed: int = 0, batch_size: int | None = None) -> dict:
+    """`icd eval` for a text-to-image model trained on synthetic scenes: colour agreement of
+    `num_samples` generated images, the VAE's reconstruction RMSE per modality on as many held-out
+    scenes, and the pipeline's speed."""
+    pipe = load_pipeline(model_dir)
+    meter = SpeedMeter("cpu", torch.float32, batch_size=batch_size or num_samples)
+    agreement = colour_agreement(pipe, n=num_samples, steps=steps, guidance_scale=guidance, seed=seed, batch_size=batch_size, meter=meter)
+    rmse = vae_reconstruction_rmse(pipe.vae, num_scenes=num_samples)
+    return {"colour_agreement": agreement, "num_samples": num_samples, "steps": steps, "guidance_scale": guidance,
+            **{f"vae_reconstruction_rmse/{modality}": value for modality, value in rmse.items()}, **meter.results()}
 
 
 @torch.no_grad()
@@ -225,9 +257,18 @@ def dominant_colour(image: np.ndarray) -> str | None:
     return max(set(votes), key=votes.count) if votes else None
 
 
-def colour_agreement(pipe: StableDiffusionPipeline, n: int = 64, steps: int = 25, guidance_scale: float = 4.0, seed: int = 0) -> float:
-    """Fraction of samples for one-object captions whose dominant colour is the colour named."""
+def colour_agreement(pipe: StableDiffusionPipeline, n: int = 64, steps: int = 25, guidance_scale: float = 4.0, seed: int = 0,
+                     batch_size: int | None = None, meter: SpeedMeter | None = None) -> float:
+    """Fraction of samples for one-object captions whose dominant colour is the colour named
+    (generated `batch_size` captions per pipeline call, all at once by default; `meter` times the calls)."""
     captions = one_object_captions(n)
-    images = generate(pipe, captions, steps, guidance_scale, seed, output_type="np")
+    generator = torch.Generator().manual_seed(seed)
+    meter = meter or SpeedMeter()
+    batch_size = batch_size or n
+    images = []
+    for start in range(0, n, batch_size):
+        batch = captions[start : start + batch_size]
+        with meter.timed(len(batch)):
+            images += list(generate(pipe, batch, steps, guidance_scale, generator, output_type="np"))
     hits = [dominant_colour((img * 255).round().astype(np.uint8)) == caption.split()[2] for img, caption in zip(images, captions)]
     return float(np.mean(hits))
