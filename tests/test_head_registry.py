@@ -172,8 +172,6 @@ def test_top_level_exports_are_lazy_and_resolve():
         incontext_diffusion.NoSuchPipeline
 
 
-@pytest.mark.xfail(strict=True, reason="heads/meta_prompts/__init__.py imports its pipelines (torch) at module level; "
-                   "remove this mark when that package's __init__ imports nothing (the top-level exports replace it)")
 def test_the_cli_starts_without_torch():
     check = "import sys, incontext_diffusion.cli; print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True).stdout.strip() == "[]"

@@ -1,20 +1,5 @@
-"""MetaPrompts: depth and semantic segmentation from a diffusion UNet with meta prompts (arXiv 2312.14733)."""
+"""MetaPrompts: depth and semantic segmentation from a diffusion UNet with meta prompts (arXiv 2312.14733).
 
-from .decoders import MetaPromptsDepthHead, MetaPromptsSegmentationHead
-from .pipeline import (
-    MetaPromptsDepthOutput,
-    MetaPromptsDepthPipeline,
-    MetaPromptsImageProcessor,
-    MetaPromptsSegmentationOutput,
-    MetaPromptsSegmentationPipeline,
-)
-
-__all__ = [
-    "MetaPromptsDepthHead",
-    "MetaPromptsDepthOutput",
-    "MetaPromptsDepthPipeline",
-    "MetaPromptsImageProcessor",
-    "MetaPromptsSegmentationHead",
-    "MetaPromptsSegmentationOutput",
-    "MetaPromptsSegmentationPipeline",
-]
+Nothing is imported here, so `icd --help` stays fast: `from incontext_diffusion import
+MetaPromptsDepthPipeline` (or `...heads.meta_prompts.pipeline`) loads the pipelines.
+"""

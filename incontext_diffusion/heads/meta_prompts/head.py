@@ -286,6 +286,6 @@ class MetaPromptsHead(Head):
         what = "metric depth in metres" if self.is_depth else "class ids"
         return (
             f"MetaPrompts ({self.options.task}, {self.options.num_loops} loops) on `{self.recipe.backbone}`. Predicts {what}.\n\n"
-            f"```python\nfrom incontext_diffusion.heads.meta_prompts import {kind}\npipe = {kind}.from_pretrained(PATH)\n"
+            f"```python\nfrom incontext_diffusion import {kind}\npipe = {kind}.from_pretrained(PATH)\n"
             "prediction = pipe(image).prediction\n```\n\nCommand line: `icd infer --model PATH --image IMAGE_OR_FOLDER --out FOLDER`.\n"
         )
