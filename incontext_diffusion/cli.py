@@ -384,11 +384,37 @@ for _module in HEAD_COMMANDS:
         importlib.import_module(_module).register(app=app, data_app=data_app, convert_app=convert_app, infer=INFER_HANDLERS, evaluate=EVAL_HANDLERS)
 
 
+def usage_error_line(error) -> str:
+    """click's own usage errors (`min=`, types, missing or unknown options) as our one line."""
+    message = " ".join(error.format_message().split()).rstrip(".")
+    command = error.ctx.command_path if error.ctx is not None else "icd"
+    return f"{message[:1].lower()}{message[1:]}: see `{command} --help`"
+
+
 def main() -> None:
+    """Run `icd`: a mistake the user can fix ends in one line `error: ...` and exit code 2."""
+    try:  # typer >= 0.22 carries its own copy of click
+        from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+    except ImportError:
+        from click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+    from .errors import is_user_os_error, os_error_message
+
     try:
-        app()
-    except UserError as err:
-        if DEBUG:
+        exit_code = app(standalone_mode=False)  # click's errors come back to us instead of printing a panel
+    except NoArgsIsHelpError as err:  # `icd` alone, `icd data`: typer printed the help as it raised this
+        sys.exit(err.exit_code)
+    except (UserError, ClickException, OSError) as err:
+        if DEBUG or (isinstance(err, OSError) and not is_user_os_error(err)):
             raise
-        err_console.print(f"error: {err}", markup=False, highlight=False, soft_wrap=True)
+        if isinstance(err, UsageError):
+            line = usage_error_line(err)
+        elif isinstance(err, OSError):
+            line = os_error_message(err, doing="cannot use")
+        elif isinstance(err, ClickException):
+            line = err.format_message()
+        else:
+            line = str(err)
+        err_console.print(f"error: {line}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)
+    if isinstance(exit_code, int) and exit_code:
+        sys.exit(exit_code)
