@@ -89,6 +89,15 @@ class InferOptions:
     batch_size: int | None = None
     device: str | None = None
     dtype: str | None = None
+    overwrite: bool = False  # replace existing output files (otherwise they are refused)
+
+    def __post_init__(self) -> None:
+        from .core.components import check_model_files
+        from .core.images import check_output_target
+
+        check_model_files(self.model)  # a missing or broken weights file is named before anything loads
+        if self.out is not None:  # before the model loads: a bad output path fails at once
+            check_output_target(self.out, overwrite=self.overwrite)
 
     def refuse_unused(self, uses: set[str], kind: str) -> None:
         """One line naming the first flag given that a `kind` model does not read."""
@@ -118,8 +127,20 @@ class EvalOptions:
     batch_size: int | None = None
     device: str | None = None
     dtype: str | None = None
+    overwrite: bool = False  # replace an existing results.md / results.json
+
+    def __post_init__(self) -> None:
+        from .core.components import check_model_files
+        from .core.images import check_output_folder
+
+        check_model_files(self.model)
+        check_output_folder(self.out, what="--out")  # before the evaluation runs, not after it
+        written = [self.out / name for name in RESULT_FILES if (self.out / name).exists()]
+        if written and not self.overwrite:
+            raise UserError(f"{written[0]} already exists: pass --overwrite to replace the results, or choose another --out")
 
 
+RESULT_FILES = ("results.json", "results.md")
 # Pipeline class name (model_index.json's `_class_name`) -> handler(options). Heads add theirs in
 # their `commands.py` (see HEAD_COMMANDS below).
 INFER_HANDLERS: dict[str, Callable[[InferOptions], None]] = {}
@@ -170,12 +191,13 @@ def infer(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Inputs per pipeline call."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1, ... (default: CUDA when present)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32, bf16 or fp16 (default: fp32)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files (default: refuse them)."),
 ) -> None:
     """Run a trained model on your inputs and write the result."""
     from .core.model_folder import resolve_model
 
     options = InferOptions(resolve_model(model), out, prompt, example, query, [Path(i) for i in image], grid, steps, guidance, seed, num_images,
-                           height, width, processing_resolution, tta, batch_size, device, dtype)
+                           height, width, processing_resolution, tta, batch_size, device, dtype, overwrite)
     _handler(INFER_HANDLERS, options.model, "infer")(options)
 
 
@@ -195,6 +217,7 @@ def evaluate(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per pipeline call."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, ... (default: CUDA when present)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32, bf16 or fp16 (default: fp32)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing results in --out (default: refuse them)."),
 ) -> None:
     """Evaluate a trained model; writes results.md and results.json."""
     from .core.model_folder import resolve_model
@@ -205,7 +228,7 @@ def evaluate(
     except ValueError:
         raise UserError(f"--scales {scales!r} is not a comma-separated list of numbers: pass e.g. --scales 0.5,1.0,1.5") from None
     options = EvalOptions(resolve_model(model), out, data, task_list, num_samples, steps, guidance, seed, inception_weights,
-                          protocol, scale_list, batch_size, device, dtype)
+                          protocol, scale_list, batch_size, device, dtype, overwrite)
     write_results(_handler(EVAL_HANDLERS, options.model, "eval")(options), out)
 
 
@@ -214,10 +237,11 @@ def write_results(results: dict, out: Path) -> None:
     def shown(value) -> str:
         return f"{value:.4f}" if isinstance(value, float) else str(value)
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    from .core.images import write_text_atomic
+
     lines = ["| metric | value |", "|---|---|"] + [f"| {k} | {shown(v)} |" for k, v in results.items()]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(out / "results.json", json.dumps(results, indent=2))
+    write_text_atomic(out / "results.md", "\n".join(lines) + "\n")
     table = Table("metric", "value")
     for key, value in results.items():
         table.add_row(key, shown(value))

@@ -230,6 +230,27 @@ def check_output_folder(folder: PathLike, *, what: str = "output") -> Path:
     return folder
 
 
+def check_output_target(path: PathLike, *, overwrite: bool = False) -> Path:
+    """`--out` of `icd infer`: a file when it has an extension (checked as by `check_output_path`), else a folder."""
+    path = Path(path)
+    return check_output_path(path, overwrite=overwrite, what="--out") if path.suffix else check_output_folder(path, what="--out")
+
+
+def write_text_atomic(path: PathLike, text: str) -> None:
+    """Write a small text file (results, state) through a temp file and a rename; OSErrors name the path."""
+    path = Path(path)
+    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp.write_text(text)
+        os.replace(temp, path)
+    except OSError as error:
+        raise user_os_error(error, path) from None
+    finally:
+        if temp.exists():
+            temp.unlink()
+
+
 def save_image(image: Image.Image, path: PathLike, *, overwrite: bool = False) -> None:
     """Save atomically: write a hidden temp file in the same folder, then rename it over `path`.
 
