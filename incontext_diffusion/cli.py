@@ -94,8 +94,10 @@ class InferOptions:
     def __post_init__(self) -> None:
         from .core.components import check_model_files
         from .core.images import check_output_target
+        from .core.model_folder import read_model_folder
 
-        check_model_files(self.model)  # a missing or broken weights file is named before anything loads
+        read_model_folder(self.model)  # a broken model_index.json or recipe.yaml: one line, before anything loads
+        check_model_files(self.model)  # so is a missing or broken weights file
         if self.out is not None:  # before the model loads: a bad output path fails at once
             check_output_target(self.out, overwrite=self.overwrite)
 
@@ -132,7 +134,9 @@ class EvalOptions:
     def __post_init__(self) -> None:
         from .core.components import check_model_files
         from .core.images import check_output_folder
+        from .core.model_folder import read_model_folder
 
+        read_model_folder(self.model)
         check_model_files(self.model)
         check_output_folder(self.out, what="--out")  # before the evaluation runs, not after it
         written = [self.out / name for name in RESULT_FILES if (self.out / name).exists()]
