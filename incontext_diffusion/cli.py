@@ -95,10 +95,21 @@ class InferOptions:
     batch_size: int | None = None
     device: str | None = None
     dtype: str | None = None
+    overwrite: bool = False  # replace existing output files (otherwise they are refused)
+
+    def __post_init__(self) -> None:
+        from .core.components import check_model_files
+        from .core.images import check_output_target
+        from .core.model_folder import read_model_folder
+
+        read_model_folder(self.model)  # a broken model_index.json or recipe.yaml: one line, before anything loads
+        check_model_files(self.model)  # so is a missing or broken weights file
+        if self.out is not None:  # before the model loads: a bad output path fails at once
+            check_output_target(self.out, overwrite=self.overwrite)
 
     def refuse_unused(self, uses: set[str], kind: str) -> None:
         """One line naming the first flag given that a `kind` model does not read."""
-        refuse_unused(self, uses, kind, always_read=("model", "seed"))
+        refuse_unused(self, uses, kind, always_read=("model", "seed", "overwrite"))
 
 
 @dataclass
@@ -119,11 +130,25 @@ class EvalOptions:
     batch_size: int | None = None
     device: str | None = None
     dtype: str | None = None
+    overwrite: bool = False  # replace an existing results.md / results.json
+
+    def __post_init__(self) -> None:
+        from .core.components import check_model_files
+        from .core.images import check_output_folder
+        from .core.model_folder import read_model_folder
+
+        read_model_folder(self.model)
+        check_model_files(self.model)
+        check_output_folder(self.out, what="--out")  # before the evaluation runs, not after it
+        written = [self.out / name for name in RESULT_FILES if (self.out / name).exists()]
+        if written and not self.overwrite:
+            raise UserError(f"{written[0]} already exists: pass --overwrite to replace the results, or choose another --out")
 
     def refuse_unused(self, uses: set[str], kind: str) -> None:
         """One line naming the first flag given that a `kind` model's evaluation does not read."""
-        refuse_unused(self, uses, kind, always_read=("model", "out", "seed", "num_samples"))
+        refuse_unused(self, uses, kind, always_read=("model", "out", "seed", "num_samples", "overwrite"))
 
+RESULT_FILES = ("results.json", "results.md")
 
 def refuse_unused(options: InferOptions | EvalOptions, uses: set[str], kind: str, always_read: tuple[str, ...]) -> None:
     for name, value in vars(options).items():
@@ -179,12 +204,13 @@ def infer(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Inputs per pipeline call."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1, ... (default: CUDA when present)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32, bf16 or fp16 (default: fp32)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files (default: refuse them)."),
 ) -> None:
     """Run a trained model on your inputs and write the result."""
     from .core.model_folder import resolve_model
 
     options = InferOptions(resolve_model(model), out, prompt, example, query, [Path(i) for i in image], grid, steps, guidance, seed, num_images,
-                           height, width, processing_resolution, tta, batch_size, device, dtype)
+                           height, width, processing_resolution, tta, batch_size, device, dtype, overwrite)
     _handler(INFER_HANDLERS, options.model, "infer")(options)
 
 
@@ -204,6 +230,7 @@ def evaluate(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per pipeline call."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, ... (default: CUDA when present)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32, bf16 or fp16 (default: fp32)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing results in --out (default: refuse them)."),
 ) -> None:
     """Evaluate a trained model; writes results.md and results.json."""
     from .core.model_folder import resolve_model
@@ -214,7 +241,7 @@ def evaluate(
     except ValueError:
         raise UserError(f"--scales {scales!r} is not a comma-separated list of numbers: pass e.g. --scales 0.5,1.0,1.5") from None
     options = EvalOptions(resolve_model(model), out, data, task_list, num_samples, steps, guidance, seed, inception_weights,
-                          protocol, scale_list, batch_size, device, dtype)
+                          protocol, scale_list, batch_size, device, dtype, overwrite)
     write_results(_handler(EVAL_HANDLERS, options.model, "eval")(options), out)
 
 
@@ -223,10 +250,11 @@ def write_results(results: dict, out: Path) -> None:
     def shown(value) -> str:
         return f"{value:.4f}" if isinstance(value, float) else str(value)
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    from .core.images import write_text_atomic
+
     lines = ["| metric | value |", "|---|---|"] + [f"| {k} | {shown(v)} |" for k, v in results.items()]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(out / "results.json", json.dumps(results, indent=2))
+    write_text_atomic(out / "results.md", "\n".join(lines) + "\n")
     table = Table("metric", "value")
     for key, value in results.items():
         table.add_row(key, shown(value))
@@ -408,11 +436,37 @@ def register_head_commands() -> None:
 register_head_commands()
 
 
+def usage_error_line(error) -> str:
+    """click's own usage errors (`min=`, types, missing or unknown options) as our one line."""
+    message = " ".join(error.format_message().split()).rstrip(".")
+    command = error.ctx.command_path if error.ctx is not None else "icd"
+    return f"{message[:1].lower()}{message[1:]}: see `{command} --help`"
+
+
 def main() -> None:
+    """Run `icd`: a mistake the user can fix ends in one line `error: ...` and exit code 2."""
+    try:  # typer >= 0.22 carries its own copy of click
+        from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+    except ImportError:
+        from click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+    from .errors import is_user_os_error, os_error_message
+
     try:
-        app()
-    except UserError as err:
-        if DEBUG:
+        exit_code = app(standalone_mode=False)  # click's errors come back to us instead of printing a panel
+    except NoArgsIsHelpError as err:  # `icd` alone, `icd data`: typer printed the help as it raised this
+        sys.exit(err.exit_code)
+    except (UserError, ClickException, OSError) as err:
+        if DEBUG or (isinstance(err, OSError) and not is_user_os_error(err)):
             raise
-        err_console.print(f"error: {err}", markup=False, highlight=False, soft_wrap=True)
+        if isinstance(err, UsageError):
+            line = usage_error_line(err)
+        elif isinstance(err, OSError):
+            line = os_error_message(err, doing="cannot use")
+        elif isinstance(err, ClickException):
+            line = err.format_message()
+        else:
+            line = str(err)
+        err_console.print(f"error: {line}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)
+    if isinstance(exit_code, int) and exit_code:
+        sys.exit(exit_code)

@@ -25,8 +25,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .cache import load_cache
 from ..errors import UserError
-from .checkpoints import atomic_export, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint, write_model_card
+from .checkpoints import RunLock, atomic_export, clean_stale_temps, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint, write_model_card
 from .head import Head
+from .images import save_image
 
 MAX_SKIPPED_IN_A_ROW = 10  # with train.on_nan=skip: a run that only produces NaN stops anyway
 
@@ -116,7 +117,12 @@ def train(head: Head, resume: str | None = None) -> Path:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=head.has_unused_parameters)],
     )
-    checkpoint = resolve_resume(run_dir, resume) if resume else None
+    # One training per run folder; what a killed run left half-written goes once the folder is ours.
+    lock = RunLock(run_dir).acquire() if accelerator.is_main_process else None
+    if lock is not None:
+        clean_stale_temps(run_dir)
+    accelerator.wait_for_everyone()
+    checkpoint = resolve_resume(run_dir, resume, say=accelerator.print) if resume else None
     if checkpoint is None and list_checkpoints(run_dir):
         raise UserError(f"{run_dir} already holds checkpoints: pass --resume latest, or another output_dir (--set output_dir=...)")
     set_seed(recipe.seed)
@@ -264,6 +270,8 @@ def train(head: Head, resume: str | None = None) -> Path:
         if ema is not None:
             ema.restore(unwrapped.parameters())
     accelerator.end_training()
+    if lock is not None:
+        lock.release()
     return out_dir
 
 
@@ -279,7 +287,7 @@ def run_validation(accelerator: Accelerator, head: Head, model: torch.nn.Module,
     unwrapped.train()
     if picture is None:
         return
-    picture.save(run_dir / "samples" / f"step-{step:06d}.png")
+    save_image(picture, run_dir / "samples" / f"step-{step:06d}.png", overwrite=True)  # a resumed run redraws its step
     tracker = accelerator.get_tracker("tensorboard", unwrap=True)
     if hasattr(tracker, "add_image"):
         tracker.add_image("validation", np.asarray(picture.convert("RGB")), step, dataformats="HWC")
