@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 from ...errors import UserError
 
@@ -188,6 +189,35 @@ def register(app, data_app, convert_app, infer: dict, evaluate: dict) -> None:
     evaluate["GroundingHostPipeline"] = eval_grounding
     evaluate["DiffPromptMaskPipeline"] = eval_mask_generation
     evaluate["DiffPromptMaskVAE"] = eval_mask_vae
+
+    @convert_app.command("diff-prompt-mask-vae")
+    def convert_mask_vae_command(
+        source: Path = typer.Argument(..., help="The released Mask-VAE: the oaaoaa/mask_vae folder, or the Lightning epoch=157-step=13113.ckpt."),
+        out: Path = typer.Argument(..., help="New stage-1 folder (mask_vae/, model_index.json)."),
+        mask_size: int = typer.Option(224, "--mask-size", help="Side of the masks it was trained on (224 for the released one)."),
+        trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a .ckpt that needs unpickling (runs code from the file)."),
+    ) -> None:
+        """Convert the released Diff-Prompt Mask-VAE into a stage-1 model folder."""
+        from .convert import convert_mask_vae, write_mask_vae_folder
+
+        print(f"wrote {write_mask_vae_folder(convert_mask_vae(source, trust_pickle), out, mask_size)}")
+
+    @convert_app.command("diff-prompt-dit")
+    def convert_dit_command(
+        source: Path = typer.Argument(..., help="The released DiT: the oaaoaa/mask_dit folder, or a DiT-main checkpoint such as 0094200.pt (EMA weights taken)."),
+        out: Path = typer.Argument(..., help="New stage-2 folder (mask_vae/ dit/ clip/ scheduler/)."),
+        mask_vae: Path = typer.Option(..., "--mask-vae", help="A stage-1 folder, e.g. the output of icd convert diff-prompt-mask-vae."),
+        clip: str = typer.Option("openai/clip-vit-base-patch32", "--clip", help="CLIP hub id or folder (projection width = the DiT's)."),
+        schedule: str = typer.Option("cosine", "--schedule", help="cosine (the official samplers) or linear (the official train.py)."),
+        num_heads: Optional[int] = typer.Option(None, "--num-heads", help="Attention heads, if the checkpoint has no config.json (DiT-My/2: 8)."),
+        trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a .pt that needs unpickling (the official train.py saves argparse args in it)."),
+    ) -> None:
+        """Convert the released Diff-Prompt DiT into a stage-2 model folder."""
+        from .convert import convert_dit, write_dit_folder
+
+        if schedule not in ("cosine", "linear"):
+            raise UserError(f"--schedule {schedule!r} is unknown: choose cosine or linear")
+        print(f"wrote {write_dit_folder(convert_dit(source, trust_pickle, num_heads), mask_vae, clip, out, schedule)}")
 
     @data_app.command("refcoco-check")
     def refcoco_check(

@@ -41,16 +41,18 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 def sincos_pos_embed_2d(dim: int, grid: int) -> np.ndarray:
-    """Fixed 2D sine-cosine position embedding (grid*grid, dim), as in MAE/DiT."""
+    """Fixed 2D sine-cosine position embedding (grid*grid, dim), token order row-major, in MAE/DiT's
+    layout: the first half of the channels encodes the column (x), the second half the row (y), so
+    weights trained by the official code (and the released `oaaoaa/mask_dit`) see the positions they learned."""
     coords = np.arange(grid, dtype=np.float64)
-    ys, xs = np.meshgrid(coords, coords, indexing="ij")
+    ys, xs = np.meshgrid(coords, coords, indexing="ij")  # (grid, grid) each; token k = (row k // grid, column k % grid)
     omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))
 
     def embed(positions: np.ndarray) -> np.ndarray:
         angles = positions.reshape(-1)[:, None] * omega[None]
         return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
 
-    return np.concatenate([embed(ys), embed(xs)], axis=1).astype(np.float32)
+    return np.concatenate([embed(xs), embed(ys)], axis=1).astype(np.float32)
 
 
 class TimestepEmbedder(nn.Module):

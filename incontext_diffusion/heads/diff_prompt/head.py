@@ -66,6 +66,7 @@ class MaskVAEOptions(Options):
     block_out_channels: list[int] = [4, 8, 16, 16]
     latent_channels: int = 4
     norm_num_groups: int = 2
+    layers_per_block: int = Field(2, ge=1)  # the official depth; the tiny recipe uses 1
     kl_weight: float = Field(PAPER_KL_WEIGHT, ge=0)
 
 
@@ -85,7 +86,7 @@ class MaskVAEHead(Head):
 
     def build(self) -> None:
         o = self.options
-        self.model = MaskVAEModel(build_mask_vae(tuple(o.block_out_channels), o.latent_channels, o.norm_num_groups), o.kl_weight)
+        self.model = MaskVAEModel(build_mask_vae(tuple(o.block_out_channels), o.latent_channels, o.norm_num_groups, o.layers_per_block), o.kl_weight)
         samples = referring_samples(self)
         self.masks = [torch.from_numpy(s.mask).float()[None] for s in samples if s.mask is not None]
         if not self.masks:
