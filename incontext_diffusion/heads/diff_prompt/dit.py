@@ -199,8 +199,6 @@ class ClipConditioner(nn.Module):
         self.clip, self.tokenizer = clip, tokenizer
         self.image_vae, self.image_vae_size, self.image_pixels = image_vae, image_vae_size, image_pixels
         self.image_size = clip.config.vision_config.image_size
-        self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
 
     @property
     def image_channels(self) -> int:
@@ -213,12 +211,15 @@ class ClipConditioner(nn.Module):
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         max_length = min(self.tokenizer.model_max_length, self.clip.config.text_config.max_position_embeddings)
         tokens = self.tokenizer([t.lower() for t in texts], padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
-        return {"input_ids": tokens.input_ids.to(self.mean.device), "attention_mask": tokens.attention_mask.to(self.mean.device)}
+        device = self.clip.device
+        return {"input_ids": tokens.input_ids.to(device), "attention_mask": tokens.attention_mask.to(device)}
 
     def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> CLIP input (B, 3, S, S)."""
         images = F.interpolate(images.float(), size=(self.image_size, self.image_size), mode="bicubic", align_corners=False, antialias=True)
-        return ((images.clamp(-1, 1) + 1) / 2 - self.mean) / self.std
+        # no buffers: the pipeline's `.to()` moves its registered components (CLIP, VAEs), not this helper
+        mean, std = (torch.tensor(v, device=images.device).view(1, 3, 1, 1) for v in (CLIP_MEAN, CLIP_STD))
+        return ((images.clamp(-1, 1) + 1) / 2 - mean) / std
 
     @torch.no_grad()
     def image_latents(self, images: torch.Tensor) -> torch.Tensor | None:
