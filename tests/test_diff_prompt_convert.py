@@ -193,3 +193,39 @@ def test_converted_checkpoints_make_a_stage_2_folder_that_loads(tmp_path):
     assert torch.equal(pipe.dit.state_dict()["blocks.0.mlp.2.weight"], state["blocks.0.mlp.fc2.weight"])
     assert json.loads((out / "model_index.json").read_text())["mask_size"] == GRID * PATCH * 2
     assert pipe.scheduler.config.prediction_type == "epsilon" and pipe.scheduler.config.num_train_timesteps == 100
+
+
+def test_real_size_grounding_recipe_trains_on_a_converted_dit(tmp_path):
+    """The real recipe (diff_prompt_grounding.yaml) on a tiny Grounding DINO and a DiT converted from the official layout:
+    3 training steps move the adaptors and nothing else."""
+    from incontext_diffusion.core.head import load_head
+    from incontext_diffusion.core.trainer import train
+    from incontext_diffusion.heads.diff_prompt.hosts import GroundingDinoHost
+    from incontext_diffusion.heads.diff_prompt.tiny import tiny_clip, tiny_grounding_dino
+    from incontext_diffusion.recipes import load_recipe
+
+    torch.manual_seed(0)
+    model, bert_tokenizer = tiny_grounding_dino(tmp_path / "dino_tok", image_size=128)
+    GroundingDinoHost(model, bert_tokenizer, image_size=128).save_pretrained(tmp_path / "host")
+    vae = random_vae(**OFFICIAL_VAE | {"block_out_channels": (4, 8), "down_block_types": ("DownEncoderBlock2D",) * 2, "up_block_types": ("UpDecoderBlock2D",) * 2})
+    stage1 = write_mask_vae_folder(vae, tmp_path / "stage1", mask_size=GRID * PATCH * 2)
+    clip, clip_tokenizer = tiny_clip(HIDDEN, 32, tmp_path / "clip_tok", width=16)
+    clip.save_pretrained(tmp_path / "clip")
+    clip_tokenizer.save_pretrained(tmp_path / "clip")
+    stage2 = write_dit_folder(convert_dit(write_hub_dit(tmp_path / "mask_dit", official_dit_state())), stage1, str(tmp_path / "clip"), tmp_path / "stage2")
+
+    recipe = load_recipe("diff_prompt_grounding", [
+        f"model.host={tmp_path / 'host'}", f"model.prompt_generator={stage2}", "model.depth=2", "model.ddim_steps=4",  # the tiny DINO has 5 Swin blocks, 2 BERT layers
+        "data.source=synthscenes", "data.path=null", "data.size=32", "data.num_samples=2", "data.num_workers=0",  # no RefCOCO offline
+        "train.max_steps=3", "train.batch_size=2", "train.mixed_precision='no'", "train.optimizer=adamw", "train.checkpoint_every=3",
+        "train.validate_every=3", "train.log_every=1", f"output_dir={tmp_path / 'run'}"])
+    assert (recipe.model["prompt_length"], recipe.train.learning_rate, recipe.train.weight_decay) == (8, 1e-4, 0.05)  # the paper's, kept
+    head = load_head(recipe)
+    head.build()
+    before = {k: v.clone() for k, v in head.trainable().state_dict().items()}
+    frozen = {k: v.clone() for k, v in head.host.state_dict().items()}
+    out = train(head)
+    assert (out / "prompts.safetensors").is_file() and (out / "dit").is_dir()
+    after = head.trainable().state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the adaptors learned
+    assert all(torch.equal(frozen[k], v) for k, v in head.host.state_dict().items())  # the host did not

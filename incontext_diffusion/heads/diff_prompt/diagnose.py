@@ -39,14 +39,13 @@ def largest_component_box(mask: torch.Tensor, threshold: float = 0.5) -> torch.T
 def diagnose(model: Path, num_scenes: int = 100, seed: int = 0, batch_size: int = 32) -> dict[str, dict[str, float]]:
     """{row: {"<split> R@1": ..., ...}} for the rows above, splits all / unique / extreme / relation."""
     from ...data.refcoco import load_refexp
-    from .commands import eval_samples_size
     from .head import _as_batch
     from .pipeline import GroundingPipeline
 
     pipe = GroundingPipeline.from_pretrained(model)
     if not pipe.prompts.needs_masks:
         raise UserError(f"{model} is a {pipe.prompts.method} model: the diagnosis reads a Diff-Prompt model's masks (method diff_prompt)")
-    samples = load_refexp("synthscenes", None, "all", eval_samples_size(pipe), num_scenes, 1_000_000)
+    samples = load_refexp("synthscenes", None, "all", pipe.host.image_size, num_scenes, 1_000_000)
     metrics: dict[str, dict[str, GroundingRecall]] = defaultdict(lambda: defaultdict(GroundingRecall))
     generator = torch.Generator().manual_seed(seed)
     for start in range(0, len(samples), batch_size):

@@ -32,6 +32,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline
 from diffusers.utils import BaseOutput
 from safetensors.torch import load_file, save_file
 
+from ...core.model_folder import read_model_folder
 from ...errors import UserError
 from .diffusion import ddim_scheduler, ddim_trajectory, prompt_indices
 from .dit import ClipConditioner, MaskDiT
@@ -43,11 +44,6 @@ OUTPUT_TYPES = ("pt", "np", "pil")
 
 def write_model_index(out_dir: Path, class_name: str, **extra) -> None:
     (Path(out_dir) / "model_index.json").write_text(json.dumps({"_class_name": class_name, "_library": "incontext_diffusion", **extra}, indent=2))
-
-
-def _read_index(folder: Path) -> dict:
-    index = folder / "model_index.json"
-    return json.loads(index.read_text()) if index.is_file() else {}
 
 
 def _check_folder(folder: Path, parts: list[str]) -> Path:
@@ -160,7 +156,7 @@ class MaskGenerationPipeline(DiffusionPipeline):
             if module is not None:
                 module.eval().requires_grad_(False)
         return cls(tokenizer=CLIPTokenizer.from_pretrained(str(folder / "clip")), scheduler=DDPMScheduler.from_pretrained(str(folder / "scheduler")),
-                   ddim_steps=_read_index(folder).get("ddim_steps", 25), **parts)
+                   ddim_steps=read_model_folder(folder).index.get("ddim_steps", 25), **parts)
 
     def save_pretrained(self, out_dir: str | Path, **_) -> None:
         """The parts only; the head writes model_index.json (its class name and defaults)."""
@@ -315,7 +311,7 @@ class GroundingPipeline(DiffusionPipeline):
         else:
             prompts = StagePrompts("none", 0, 2, host.vision_dims[0], host.text_dim)
         generator = MaskGenerationPipeline.from_pretrained(folder) if prompts.needs_masks else None
-        return cls.from_generator(host.eval().requires_grad_(False), prompts.eval().requires_grad_(False), generator, _read_index(folder).get("ddim_steps", 25))
+        return cls.from_generator(host.eval().requires_grad_(False), prompts.eval().requires_grad_(False), generator, read_model_folder(folder).index.get("ddim_steps", 25))
 
     def save_pretrained(self, out_dir: str | Path, class_name: str = "DiffPromptGroundingPipeline", **_) -> None:
         out_dir = Path(out_dir)
