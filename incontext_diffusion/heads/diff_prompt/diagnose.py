@@ -43,6 +43,7 @@ def diagnose(model: Path, num_scenes: int = 100, seed: int = 0, batch_size: int 
     from .pipeline import GroundingPipeline
 
     pipe = GroundingPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
     if not pipe.prompts.needs_masks:
         raise UserError(f"{model} is a {pipe.prompts.method} model: the diagnosis reads a Diff-Prompt model's masks (method diff_prompt)")
     samples = load_refexp("synthscenes", None, "all", pipe.host.image_size, num_scenes, 1_000_000)

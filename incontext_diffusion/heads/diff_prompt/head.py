@@ -286,6 +286,7 @@ class HostOptions(Options):
     bert_width: int = 32
     bert_layers: int = 4
     head_dim: int = 64
+    absolute_positions: bool = False  # Swin's absolute position embedding: lets shared prompts address a place (docs, diagnosis)
 
 
 class HostModel(torch.nn.Module):
@@ -330,7 +331,8 @@ class GroundingHostHead(Head):
         from .tiny import tiny_host_configs, write_bert_tokenizer
 
         o = self.options
-        swin, bert = tiny_host_configs(self.recipe.data.size, o.embed_dim, o.depths, o.num_heads, o.window_size, o.bert_width, o.bert_layers)
+        swin, bert = tiny_host_configs(self.recipe.data.size, o.embed_dim, o.depths, o.num_heads, o.window_size, o.bert_width, o.bert_layers,
+                                       o.absolute_positions)
         tokenizer = write_bert_tokenizer(self.recipe.run_dir() / "bert_tokenizer")
         self.model = HostModel(TinyGroundingHost.from_configs(swin, bert, tokenizer, o.head_dim))
         self.samples = referring_samples(self)
