@@ -16,7 +16,7 @@ from incontext_diffusion.errors import UserError
 from incontext_diffusion.heads.diff_prompt.convert import convert_dit, convert_mask_vae, write_dit_folder, write_mask_vae_folder
 from incontext_diffusion.heads.diff_prompt.dit import sincos_pos_embed_2d
 from incontext_diffusion.heads.diff_prompt.mask_vae import build_mask_vae
-from incontext_diffusion.heads.diff_prompt.pipeline import MaskGenerationPipeline
+from incontext_diffusion.heads.diff_prompt.pipeline import DiffPromptMaskPipeline
 
 HIDDEN, DEPTH, HEADS, PATCH, GRID, CHANNELS = 16, 2, 2, 2, 3, 4
 
@@ -189,7 +189,7 @@ def test_converted_checkpoints_make_a_stage_2_folder_that_loads(tmp_path):
     tokenizer.save_pretrained(tmp_path / "clip")
     state = official_dit_state()
     out = write_dit_folder(convert_dit(write_hub_dit(tmp_path / "mask_dit", state)), stage1, str(tmp_path / "clip"), tmp_path / "stage2")
-    pipe = MaskGenerationPipeline.from_pretrained(out)
+    pipe = DiffPromptMaskPipeline.from_pretrained(out)
     assert torch.equal(pipe.dit.state_dict()["blocks.0.mlp.2.weight"], state["blocks.0.mlp.fc2.weight"])
     assert json.loads((out / "model_index.json").read_text())["mask_size"] == GRID * PATCH * 2
     assert pipe.scheduler.config.prediction_type == "epsilon" and pipe.scheduler.config.num_train_timesteps == 100

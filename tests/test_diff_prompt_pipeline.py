@@ -17,7 +17,7 @@ from incontext_diffusion.heads.diff_prompt import commands
 from incontext_diffusion.heads.diff_prompt.head import _as_batch
 from incontext_diffusion.core.tiny import micro_components
 from incontext_diffusion.data.synthscenes import caption_vocabulary
-from incontext_diffusion.heads.diff_prompt.pipeline import GroundingPipeline, MaskGenerationPipeline
+from incontext_diffusion.heads.diff_prompt.pipeline import DiffPromptGroundingPipeline, DiffPromptMaskPipeline
 from incontext_diffusion.heads.diff_prompt.tiny import tiny_clip_with_backbone_text
 from incontext_diffusion.recipes import load_recipe
 
@@ -61,7 +61,7 @@ def test_exports_chain(chain):
     assert {p.name for p in chain["dit"].iterdir()} >= {"mask_vae", "dit", "clip", "scheduler", "image_vae", "model_index.json"}
     assert {p.name for p in chain["dp"].iterdir()} >= {"host", "prompts.safetensors", "dit", "mask_vae", "clip"}
     assert not (chain["vpt"] / "dit").exists()  # static prompts need no generator
-    pipe = GroundingPipeline.from_pretrained(chain["dp"])
+    pipe = DiffPromptGroundingPipeline.from_pretrained(chain["dp"])
     images = torch.rand(2, 3, 32, 32) * 2 - 1
     vision, text, masks = pipe.prompt_tensors(images, ["the cube", "the red sphere"], torch.Generator().manual_seed(0))
     assert len(masks) == 2 and not masks[0].requires_grad  # the frozen sampler runs under no_grad
@@ -104,7 +104,7 @@ def test_eval_tables_count_hits_by_hand(chain, tmp_path, monkeypatch):
 
     samples = commands._eval_splits(EvalOptions(model=chain["vpt"], out=tmp_path, num_samples=2, tasks=["all"]), 32)["all"]
     FAKE_GT[:] = [torch.tensor(s.box) for s in samples]
-    monkeypatch.setattr(GroundingPipeline, "__call__", fake_grounding)
+    monkeypatch.setattr(DiffPromptGroundingPipeline, "__call__", fake_grounding)
     table = commands.eval_grounding(EvalOptions(model=chain["vpt"], out=tmp_path / "eval", num_samples=2, tasks=["all"], batch_size=3))
     hits = (len(samples) + 1) // 2  # expressions 0, 2, 4, ... get their own box; a 1-px box at the corner hits none
     assert table["all R@1"] == table["all UB"] == hits / len(samples) and table["all expressions"] == len(samples)
@@ -118,7 +118,7 @@ def test_eval_tables_count_hits_by_hand(chain, tmp_path, monkeypatch):
 
     calls.clear()
     FAKE_MASKS[:] = [torch.from_numpy(s.mask).float()[None] for s in samples]
-    monkeypatch.setattr(MaskGenerationPipeline, "__call__", fake_masks)
+    monkeypatch.setattr(DiffPromptMaskPipeline, "__call__", fake_masks)
     masks = commands.eval_mask_generation(EvalOptions(model=chain["dit"], out=tmp_path / "eval2", num_samples=2, tasks=["all"], batch_size=3))
     assert masks["all mask IoU"] == pytest.approx(hits / len(samples)) and masks["ddim_steps"] == 4  # the exported default
     monkeypatch.setattr("incontext_diffusion.heads.diff_prompt.mask_vae.reconstruct", lambda vae, m: 1 - m)  # every pixel wrong
@@ -155,7 +155,7 @@ def test_validation_keeps_the_trainable_parts_trainable(chain, tmp_path):
 
 def test_condition_reaches_the_dit(chain):
     """The probe behind the stage-2 fix: the generated latents change when only the text, or only the image, changes."""
-    pipe = MaskGenerationPipeline.from_pretrained(chain["dit"])
+    pipe = DiffPromptMaskPipeline.from_pretrained(chain["dit"])
     for p in pipe.dit.parameters():  # two training steps leave adaLN almost zero: give every weight a value
         torch.nn.init.normal_(p, std=0.1)
     images = torch.rand(1, 3, 32, 32) * 2 - 1
@@ -172,7 +172,7 @@ def test_image_pixels_follow_the_image_latent_and_survive_export(chain, tmp_path
     its grid], and the exported pipeline rebuilds it from the DiT's config."""
     import torch.nn.functional as F
 
-    pipe = MaskGenerationPipeline.from_pretrained(chain["dit"])
+    pipe = DiffPromptMaskPipeline.from_pretrained(chain["dit"])
     assert pipe.dit.config.image_pixels and pipe.conditioner.image_pixels
     images = torch.rand(2, 3, 64, 64) * 2 - 1  # the size the x4 micro VAE turns into the 16x16 mask-latent grid: no resize
     condition = pipe.conditioner.image_latents(images)
@@ -258,7 +258,7 @@ def wide_photo(tmp_path):
 
 def test_pipelines_take_any_image_and_answer_at_its_size(chain, tmp_path):
     path, pil, array = wide_photo(tmp_path)
-    pipe = GroundingPipeline.from_pretrained(chain["dp"]).to("cpu")
+    pipe = DiffPromptGroundingPipeline.from_pretrained(chain["dp"]).to("cpu")
     pipe.set_progress_bar_config(disable=True)
     outs = [pipe(x, "the cube", torch.Generator().manual_seed(0), top_k=None) for x in (path, pil, array, array.astype(np.float32) / 255)]
     for out in outs:
@@ -279,7 +279,7 @@ def test_boxes_are_scaled_to_the_image_and_clipped(chain, tmp_path, monkeypatch)
     _, pil, _ = wide_photo(tmp_path)
     from incontext_diffusion.heads.diff_prompt.hosts import GroundingOutput
 
-    pipe = GroundingPipeline.from_pretrained(chain["vpt"])
+    pipe = DiffPromptGroundingPipeline.from_pretrained(chain["vpt"])
     proposals = torch.tensor([[[0.1, 0.2, 0.3, 0.4], [-0.2, -0.1, 1.3, 0.5]]])  # the second crosses three borders and scores higher
     monkeypatch.setattr(pipe.host, "forward", lambda pixel_values, texts: GroundingOutput(torch.tensor([[-2.0, 2.0]]), proposals))
     out = pipe(pil, "the cube")
@@ -288,7 +288,7 @@ def test_boxes_are_scaled_to_the_image_and_clipped(chain, tmp_path, monkeypatch)
 
 def test_mask_pipeline_callback_steps_and_output_types(chain, tmp_path):
     _, pil, _ = wide_photo(tmp_path)
-    pipe = MaskGenerationPipeline.from_pretrained(chain["dit"])
+    pipe = DiffPromptMaskPipeline.from_pretrained(chain["dit"])
     pipe.set_progress_bar_config(disable=True)
     seen = []
 
@@ -307,8 +307,8 @@ def test_mask_pipeline_callback_steps_and_output_types(chain, tmp_path):
 
 def test_infer_and_eval_use_the_exported_ddim_steps(chain, tmp_path, monkeypatch):
     steps = []
-    original = MaskGenerationPipeline.sample
-    monkeypatch.setattr(MaskGenerationPipeline, "sample", lambda self, images, texts, n, *a, **k: steps.append(n) or original(self, images, texts, n, *a, **k))
+    original = DiffPromptMaskPipeline.sample
+    monkeypatch.setattr(DiffPromptMaskPipeline, "sample", lambda self, images, texts, n, *a, **k: steps.append(n) or original(self, images, texts, n, *a, **k))
     path, _, _ = wide_photo(tmp_path)
     commands.infer_grounding(InferOptions(model=chain["dp"], out=tmp_path / "o.png", prompt="the cube", images=[path]))
     commands.eval_grounding(EvalOptions(model=chain["dp"], out=tmp_path / "eval", num_samples=1, tasks=["unique"]))
@@ -339,7 +339,7 @@ def test_infer_on_a_folder_writes_one_answer_per_image_at_its_size(chain, tmp_pa
 
 
 def test_oracle_prompts_are_the_true_mask_noised_forward(chain):
-    pipe = MaskGenerationPipeline.from_pretrained(chain["dit"])
+    pipe = DiffPromptMaskPipeline.from_pretrained(chain["dit"])
     mask = torch.zeros(1, 1, 32, 32)
     mask[..., 8:20, 4:12] = 1
     layers = pipe.oracle_prompt_masks(mask, depth=2, num_inference_steps=4, generator=torch.Generator().manual_seed(5))

@@ -59,13 +59,13 @@ def infer_grounding(options) -> None:
     from ...core.images import load_rgb, make_grid, save_image
     from ...core.model_folder import read_model_folder
     from .head import draw_boxes
-    from .pipeline import GroundingPipeline
+    from .pipeline import DiffPromptGroundingPipeline
 
     diff_prompt = read_model_folder(options.model).index.get("method") == "diff_prompt"
     options.refuse_unused({"images", "prompt", "out", "batch_size", "device"} | ({"steps", "grid"} if diff_prompt else set()), "Diff-Prompt grounding")
     images = _inputs(options, "grounding")
     outputs = _output_paths(options, images, "grounding")
-    pipe = _pipeline(GroundingPipeline, options)
+    pipe = _pipeline(DiffPromptGroundingPipeline, options)
     generator = torch.Generator().manual_seed(options.seed)
     written = []
     for chunk in _chunks(list(zip(images, outputs)), options.batch_size or DEFAULT_BATCH):
@@ -92,12 +92,12 @@ def infer_mask(options) -> None:
     import torch
 
     from ...core.images import make_grid, save_image
-    from .pipeline import MaskGenerationPipeline
+    from .pipeline import DiffPromptMaskPipeline
 
     options.refuse_unused({"images", "prompt", "out", "steps", "batch_size", "device"}, "Diff-Prompt mask generation")
     images = _inputs(options, "mask generation")
     outputs = _output_paths(options, images, "mask")
-    pipe = _pipeline(MaskGenerationPipeline, options)
+    pipe = _pipeline(DiffPromptMaskPipeline, options)
     steps = options.steps or pipe.config.ddim_steps
     generator = torch.Generator().manual_seed(options.seed)
     shown = list(range(0, steps, max(steps // 8, 1)))[:8] + [steps - 1]
@@ -145,9 +145,9 @@ def eval_grounding(options) -> dict:
     import torch
 
     from ...metrics.grounding import GroundingRecall
-    from .pipeline import GroundingPipeline
+    from .pipeline import DiffPromptGroundingPipeline
 
-    pipe = _pipeline(GroundingPipeline, options)
+    pipe = _pipeline(DiffPromptGroundingPipeline, options)
     meter = _meter(pipe, options)
     generator = torch.Generator().manual_seed(options.seed)
     results: dict = {"method": pipe.prompts.method, "ddim_steps": options.steps or pipe.config.ddim_steps}
@@ -168,9 +168,9 @@ def eval_mask_generation(options) -> dict:
     import torch
 
     from ...metrics.grounding import mask_iou
-    from .pipeline import MaskGenerationPipeline
+    from .pipeline import DiffPromptMaskPipeline
 
-    pipe = _pipeline(MaskGenerationPipeline, options)
+    pipe = _pipeline(DiffPromptMaskPipeline, options)
     meter = _meter(pipe, options)
     generator = torch.Generator().manual_seed(options.seed)
     steps = options.steps or pipe.config.ddim_steps
@@ -213,11 +213,9 @@ def eval_mask_vae(options) -> dict:
 def register(app, data_app, convert_app, infer: dict, evaluate: dict) -> None:
     import typer
 
-    infer["DiffPromptGroundingPipeline"] = infer_grounding
-    infer["GroundingHostPipeline"] = infer_grounding
+    infer["DiffPromptGroundingPipeline"] = infer_grounding  # the host alone and the host with prompts
     infer["DiffPromptMaskPipeline"] = infer_mask
     evaluate["DiffPromptGroundingPipeline"] = eval_grounding
-    evaluate["GroundingHostPipeline"] = eval_grounding
     evaluate["DiffPromptMaskPipeline"] = eval_mask_generation
     evaluate["DiffPromptMaskVAE"] = eval_mask_vae
 

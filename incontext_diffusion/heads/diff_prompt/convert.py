@@ -169,7 +169,7 @@ def write_dit_folder(dit: MaskDiT, mask_vae_folder: Path, clip: str, out: Path, 
     from transformers import CLIPModel, CLIPTokenizer
 
     from .diffusion import noise_scheduler
-    from .pipeline import MaskGenerationPipeline, write_model_index
+    from .pipeline import DiffPromptMaskPipeline, write_model_index
 
     vae_dir = Path(mask_vae_folder) / "mask_vae"
     if not vae_dir.is_dir():
@@ -184,7 +184,7 @@ def write_dit_folder(dit: MaskDiT, mask_vae_folder: Path, clip: str, out: Path, 
 
     def write(folder: Path) -> None:
         # The released DiT predicts epsilon with a learned variance (T = 100); its training schedule is undetermined (docs).
-        MaskGenerationPipeline(vae, dit, clip_model, tokenizer, noise_scheduler(100, schedule, "epsilon"), ddim_steps=ddim_steps).save_pretrained(folder)
+        DiffPromptMaskPipeline(vae, dit, clip_model, tokenizer, noise_scheduler(100, schedule, "epsilon"), ddim_steps=ddim_steps).save_pretrained(folder)
         write_model_index(folder, "DiffPromptMaskPipeline", mask_size=mask_size, ddim_steps=ddim_steps)
 
     return atomic_export(out, write)

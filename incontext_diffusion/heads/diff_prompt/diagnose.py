@@ -40,9 +40,9 @@ def diagnose(model: Path, num_scenes: int = 100, seed: int = 0, batch_size: int 
     """{row: {"<split> R@1": ..., ...}} for the rows above, splits all / unique / extreme / relation."""
     from ...data.refcoco import load_refexp
     from .head import _as_batch
-    from .pipeline import GroundingPipeline
+    from .pipeline import DiffPromptGroundingPipeline
 
-    pipe = GroundingPipeline.from_pretrained(model)
+    pipe = DiffPromptGroundingPipeline.from_pretrained(model)
     pipe.set_progress_bar_config(disable=True)
     if not pipe.prompts.needs_masks:
         raise UserError(f"{model} is a {pipe.prompts.method} model: the diagnosis reads a Diff-Prompt model's masks (method diff_prompt)")

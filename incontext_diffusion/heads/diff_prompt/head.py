@@ -22,7 +22,7 @@ from ...errors import UserError
 from .diffusion import diffusion_loss, noise_scheduler
 from .dit import ClipConditioner, MaskDiT
 from .mask_vae import PAPER_KL_WEIGHT, build_mask_vae, mask_vae_loss, reconstruct
-from .pipeline import GroundingPipeline, MaskGenerationPipeline, StagePrompts, write_model_index
+from .pipeline import DiffPromptGroundingPipeline, DiffPromptMaskPipeline, StagePrompts, write_model_index
 
 
 class Options(BaseModel):
@@ -162,6 +162,7 @@ class DiTHead(Head):
     """Stage 2: the DiT prompt generator on frozen Mask-VAE latents (recipe diff_prompt_dit)."""
 
     Options = DiTOptions
+    pipeline_classes = (DiffPromptMaskPipeline,)
 
     def build(self) -> None:
         from diffusers import AutoencoderKL
@@ -244,8 +245,8 @@ class DiTHead(Head):
             features = None if self.options.train_clip else self.conditioner(batch["images"], batch["texts"])
         return model(latents, batch["images"], batch["texts"], features)
 
-    def pipeline(self, model) -> MaskGenerationPipeline:
-        return MaskGenerationPipeline.from_parts(self.vae, model.dit, self.conditioner, self.scheduler, self.options.ddim_steps)
+    def pipeline(self, model) -> DiffPromptMaskPipeline:
+        return DiffPromptMaskPipeline.from_parts(self.vae, model.dit, self.conditioner, self.scheduler, self.options.ddim_steps)
 
     @torch.no_grad()
     def validate(self, model, step):
@@ -312,7 +313,7 @@ def draw_boxes(rgb, gt_boxes, pred_boxes):
     return image
 
 
-def grounding_picture(pipe: GroundingPipeline, samples):
+def grounding_picture(pipe: DiffPromptGroundingPipeline, samples):
     batch = _as_batch(samples)
     pipe.set_progress_bar_config(disable=True)
     out = pipe(batch["images"], batch["texts"], torch.Generator().manual_seed(0), top_k=1)
@@ -325,6 +326,7 @@ class GroundingHostHead(Head):
     """Pre-trains the CPU demo host (TinyGroundingHost: Swin + BERT + dot-product head) on synthetic expressions."""
 
     Options = HostOptions
+    pipeline_classes = (DiffPromptGroundingPipeline,)  # the host alone: a grounding pipeline without prompts
 
     def build(self) -> None:
         from .hosts import TinyGroundingHost
@@ -352,11 +354,11 @@ class GroundingHostHead(Head):
 
     @torch.no_grad()
     def validate(self, model, step):
-        return grounding_picture(GroundingPipeline(model.host, StagePrompts("none", 0, 2, 1, 1)), self.validation)
+        return grounding_picture(DiffPromptGroundingPipeline(model.host, StagePrompts("none", 0, 2, 1, 1)), self.validation)
 
     def export(self, model, out_dir: Path) -> None:
         model.host.save_pretrained(out_dir / "host")
-        write_model_index(out_dir, "GroundingHostPipeline", image_size=self.recipe.data.size)
+        write_model_index(out_dir, "DiffPromptGroundingPipeline", image_size=self.recipe.data.size)
 
 
 # ------------------------------------------------------------------------------ stage 3
@@ -382,6 +384,7 @@ class GroundingHead(Head):
     """Stage 3: trains only the prompt modules through the frozen host's own grounding loss."""
 
     Options = GroundingOptions
+    pipeline_classes = (DiffPromptGroundingPipeline,)
 
     def build(self) -> None:
         from .hosts import load_host
@@ -392,7 +395,7 @@ class GroundingHead(Head):
         if o.method == "diff_prompt":
             if o.prompt_generator is None:
                 raise UserError("method diff_prompt needs model.prompt_generator: the stage-2 model folder (e.g. runs/diff_prompt_dit-tiny/model)")
-            self.generator = MaskGenerationPipeline.from_pretrained(o.prompt_generator)
+            self.generator = DiffPromptMaskPipeline.from_pretrained(o.prompt_generator)
             self.generator.set_progress_bar_config(disable=True)  # it samples in every training step
         if o.prompt_source == "oracle" and o.method != "diff_prompt":
             raise UserError(f"model.prompt_source oracle replaces the DiT's masks: it needs method diff_prompt, not {o.method}")
@@ -433,8 +436,8 @@ class GroundingHead(Head):
         with self.host.prompted(vision, text, self.options.paper_compat):
             return self.host(self.host.preprocess(images), batch["texts"], batch["boxes"].to(images.device)).loss
 
-    def pipeline(self, model) -> GroundingPipeline:
-        return GroundingPipeline.from_generator(self.host, model, self.generator, self.options.ddim_steps)
+    def pipeline(self, model) -> DiffPromptGroundingPipeline:
+        return DiffPromptGroundingPipeline.from_generator(self.host, model, self.generator, self.options.ddim_steps)
 
     @torch.no_grad()
     def validate(self, model, step):

@@ -5,12 +5,12 @@ Both are `diffusers.DiffusionPipeline`s: `.to()`, `device`, progress bars, `gene
 `model_cpu_offload_seq`, and their inference defaults (`ddim_steps`) in the pipeline config, read from
 the exported model_index.json. Their parts include a custom DiT, a grounding host and prompt modules
 that diffusers' generic loader cannot build, so each class has its own `from_pretrained` /
-`save_pretrained` for the folders below (load with `MaskGenerationPipeline.from_pretrained(dir)` or
-`GroundingPipeline.from_pretrained(dir)`, or `icd infer`):
+`save_pretrained` for the folders below (load with `DiffPromptMaskPipeline.from_pretrained(dir)` or
+`DiffPromptGroundingPipeline.from_pretrained(dir)`, or `icd infer`):
 
     stage 1  mask_vae/                                            _class_name DiffPromptMaskVAE
     stage 2  mask_vae/ dit/ clip/ scheduler/ [image_vae/]         _class_name DiffPromptMaskPipeline
-    host     host/                                                _class_name GroundingHostPipeline
+    host     host/                                                _class_name DiffPromptGroundingPipeline
     stage 3  host/ prompts.safetensors prompts.json [+ stage 2]   _class_name DiffPromptGroundingPipeline
 
 Inputs: PIL images, paths, HxWx3 arrays (uint8, or floats in [0, 1]) or tensors in [-1, 1] ((3, H, W) or
@@ -122,7 +122,7 @@ class MaskGenerationOutput(BaseOutput):
     trajectory: list[torch.Tensor]  # Mask-VAE latents after each DDIM step, (B, C, h, w)
 
 
-class MaskGenerationPipeline(DiffusionPipeline):
+class DiffPromptMaskPipeline(DiffusionPipeline):
     """Stage 2: image + referring expression -> Mask-VAE latent trajectory -> decoded mask."""
 
     model_cpu_offload_seq = "clip->image_vae->dit->mask_vae"
@@ -140,12 +140,12 @@ class MaskGenerationPipeline(DiffusionPipeline):
         self.sampler = ddim_scheduler(scheduler)
 
     @classmethod
-    def from_parts(cls, mask_vae: AutoencoderKL, dit: MaskDiT, conditioner: ClipConditioner, scheduler: DDPMScheduler, ddim_steps: int = 25) -> "MaskGenerationPipeline":
+    def from_parts(cls, mask_vae: AutoencoderKL, dit: MaskDiT, conditioner: ClipConditioner, scheduler: DDPMScheduler, ddim_steps: int = 25) -> "DiffPromptMaskPipeline":
         """The pipeline over a training head's own conditioner (same CLIP and image VAE objects)."""
         return cls(mask_vae, dit, conditioner.clip, conditioner.tokenizer, scheduler, conditioner.image_vae, ddim_steps)
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, **_) -> "MaskGenerationPipeline":
+    def from_pretrained(cls, folder: str | Path, **_) -> "DiffPromptMaskPipeline":
         from transformers import CLIPModel, CLIPTokenizer
 
         folder = _check_folder(Path(folder), ["mask_vae", "dit", "clip", "scheduler"])
@@ -282,7 +282,7 @@ class GroundingPipelineOutput(BaseOutput):
     trajectory_masks: list[torch.Tensor] | None  # decoded masks (B, 1, S, S) fed to the prompt layers 0, 1, ...
 
 
-class GroundingPipeline(DiffusionPipeline):
+class DiffPromptGroundingPipeline(DiffusionPipeline):
     """Stage 3 (or a bare host): image + expression -> ranked boxes, with Diff-Prompt/VPT/CoOp prompts.
     A Diff-Prompt model carries stage 2's parts (the mask generator) beside the host and the prompts."""
 
@@ -293,24 +293,24 @@ class GroundingPipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(host=host, prompts=prompts, mask_vae=mask_vae, dit=dit, clip=clip, tokenizer=tokenizer, scheduler=scheduler, image_vae=image_vae)
         self.register_to_config(ddim_steps=ddim_steps)
-        self.mask_generator = MaskGenerationPipeline(mask_vae, dit, clip, tokenizer, scheduler, image_vae, ddim_steps) if dit is not None else None
+        self.mask_generator = DiffPromptMaskPipeline(mask_vae, dit, clip, tokenizer, scheduler, image_vae, ddim_steps) if dit is not None else None
         if prompts.needs_masks and self.mask_generator is None:
             raise UserError("Diff-Prompt prompts need the stage-2 mask generator: set model.prompt_generator to the stage-2 model folder")
 
     @classmethod
-    def from_generator(cls, host, prompts: StagePrompts, generator: MaskGenerationPipeline | None, ddim_steps: int) -> "GroundingPipeline":
+    def from_generator(cls, host, prompts: StagePrompts, generator: DiffPromptMaskPipeline | None, ddim_steps: int) -> "DiffPromptGroundingPipeline":
         parts = {} if generator is None else {k: getattr(generator, k) for k in ("mask_vae", "dit", "clip", "tokenizer", "scheduler", "image_vae")}
         return cls(host, prompts, ddim_steps=ddim_steps, **parts)
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, **_) -> "GroundingPipeline":
+    def from_pretrained(cls, folder: str | Path, **_) -> "DiffPromptGroundingPipeline":
         folder = _check_folder(Path(folder), ["host"])
         host = load_host(folder / "host")
         if (folder / "prompts.json").is_file():
             prompts = StagePrompts.from_pretrained(folder)
         else:
             prompts = StagePrompts("none", 0, 2, host.vision_dims[0], host.text_dim)
-        generator = MaskGenerationPipeline.from_pretrained(folder) if prompts.needs_masks else None
+        generator = DiffPromptMaskPipeline.from_pretrained(folder) if prompts.needs_masks else None
         return cls.from_generator(host.eval().requires_grad_(False), prompts.eval().requires_grad_(False), generator, read_model_folder(folder).index.get("ddim_steps", 25))
 
     def save_pretrained(self, out_dir: str | Path, class_name: str = "DiffPromptGroundingPipeline", **_) -> None:

@@ -101,6 +101,8 @@ def task_options(model: dict, where: str) -> type[MetaPromptsOptions]:
 class MetaPromptsHead(Head):
     """Depth or semantic segmentation from a diffusion UNet with meta prompts and recurrent refinement."""
 
+    pipeline_classes = (MetaPromptsDepthPipeline, MetaPromptsSegmentationPipeline)
+
     def __init__(self, recipe):
         self.Options = task_options(recipe.model, f"recipe {recipe.name}")
         super().__init__(recipe)
