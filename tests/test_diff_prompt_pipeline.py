@@ -81,12 +81,14 @@ def test_infer_and_eval(chain, tmp_path):
     result = json.loads(out.with_suffix(".json").read_text())
     assert len(result["boxes_xyxy"]) == 5 and result["scores"] == sorted(result["scores"], reverse=True)
     assert load_rgb(out).size == (32, 32) and (out.parent / "grounding_mask.png").is_file() and (out.parent / "grounding_trajectory.png").is_file()
+    fresh = tmp_path / "refused" / "grounding.png"  # the refusals must come before any output is written
     with pytest.raises(UserError, match="--text"):
-        commands.infer_grounding(InferOptions(model=chain["dp"], out=out, images=[tmp_path / "scene.png"]))
+        commands.infer_grounding(InferOptions(model=chain["dp"], out=fresh, images=[tmp_path / "scene.png"]))
     with pytest.raises(UserError, match="--guidance is not used by a Diff-Prompt grounding model"):
-        commands.infer_grounding(InferOptions(model=chain["dp"], out=out, prompt="the cube", images=[tmp_path / "scene.png"], guidance=3.0))
+        commands.infer_grounding(InferOptions(model=chain["dp"], out=fresh, prompt="the cube", images=[tmp_path / "scene.png"], guidance=3.0))
     with pytest.raises(UserError, match="--steps is not used"):  # static prompts: no DDIM
-        commands.infer_grounding(InferOptions(model=chain["vpt"], out=out, prompt="the cube", images=[tmp_path / "scene.png"], steps=4))
+        commands.infer_grounding(InferOptions(model=chain["vpt"], out=fresh, prompt="the cube", images=[tmp_path / "scene.png"], steps=4))
+    assert not fresh.parent.exists()
 
 
 def test_eval_tables_count_hits_by_hand(chain, tmp_path, monkeypatch):
