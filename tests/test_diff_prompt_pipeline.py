@@ -140,14 +140,15 @@ def test_validation_keeps_the_trainable_parts_trainable(chain, tmp_path):
     head = load_head(recipe)
     head.build()
     model = head.trainable()
-    picture = head.validate(model, 1)  # rows: 6 images, their true masks, the generated masks (32 px cells, 4 px gaps)
-    assert picture.width == 6 * 32 + 5 * 4
-    label_h = (picture.height - 2 * 4) // 3 - 32
+    # rows: 6 images, their true masks, the generated masks; 32 px masks drawn x6 (192 px cells), 4 px gaps
+    picture = head.validate(model, 1)
+    assert picture.width == 6 * 192 + 5 * 4
+    label_h = (picture.height - 2 * 4) // 3 - 192
     pipe = head.pipeline(model)
     batch = _as_batch(head.validation)
     generated = pipe(batch["images"], batch["texts"], generator=torch.Generator().manual_seed(0)).masks.clamp(0, 1)
-    top = 2 * (label_h + 32 + 4) + label_h
-    cell = np.asarray(picture.crop((0, top, 32, top + 32)).convert("L"), dtype=np.float32) / 255
+    top = 2 * (label_h + 192 + 4) + label_h
+    cell = np.asarray(picture.crop((0, top, 192, top + 192)).convert("L"), dtype=np.float32)[::6, ::6] / 255
     assert np.abs(cell - generated[0, 0].numpy()).max() <= 1 / 255 + 1e-6
     frozen = ("conditioner.clip.text_model.", "conditioner.image_vae.")
     for name, p in model.named_parameters():
@@ -317,7 +318,7 @@ def test_infer_and_eval_use_the_exported_ddim_steps(chain, tmp_path, monkeypatch
     exported = json.loads((chain["dp"] / "model_index.json").read_text())["ddim_steps"]
     assert exported == 4 and set(steps) == {exported}
     steps.clear()
-    commands.infer_grounding(InferOptions(model=chain["dp"], out=tmp_path / "o.png", prompt="the cube", images=[path], steps=6))
+    commands.infer_grounding(InferOptions(model=chain["dp"], out=tmp_path / "o.png", prompt="the cube", images=[path], steps=6, overwrite=True))
     assert steps == [6]
 
 

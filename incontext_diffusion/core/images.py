@@ -191,7 +191,7 @@ def depth_to_uint16(depth_m: np.ndarray, scale: float = 1000.0) -> np.ndarray:
     return np.clip(values, 0, 65535).astype(np.uint16)
 
 
-def save_depth_png(path: PathLike, depth_m: np.ndarray, scale: float = 1000.0) -> None:
+def save_depth_png(path: PathLike, depth_m: np.ndarray, scale: float = 1000.0, *, overwrite: bool = False) -> None:
     """Save HxW depth in metres as a 16-bit PNG of round(depth * scale), clipped to 0..65535.
 
     Non-finite or negative depths are written as 0 (invalid). The write is atomic.
@@ -201,7 +201,7 @@ def save_depth_png(path: PathLike, depth_m: np.ndarray, scale: float = 1000.0) -
     depth = np.asarray(depth_m, dtype=np.float64)
     if depth.ndim != 2:
         raise ValueError(f"save_depth_png expects an HxW array, got shape {depth.shape}")
-    save_image(Image.fromarray(depth_to_uint16(depth, scale)), path)
+    save_image(Image.fromarray(depth_to_uint16(depth, scale)), path, overwrite=overwrite)
 
 
 def check_output_path(path: PathLike, *, overwrite: bool = False, what: str = "output") -> Path:

@@ -73,14 +73,14 @@ def infer_grounding(options) -> None:
         for i, (image, png) in enumerate(chunk):
             boxes = [[round(v, 2) for v in box] for box in out.boxes[i].tolist()]
             result = {"text": options.prompt, "image": str(image), "boxes_xyxy": boxes, "scores": [round(v, 4) for v in out.scores[i].tolist()]}
-            save_image(draw_boxes(load_rgb(image), [], boxes[:1]), png)
+            save_image(draw_boxes(load_rgb(image), [], boxes[:1]), png, overwrite=options.overwrite)
             png.with_suffix(".json").write_text(json.dumps(result, indent=2))
             written += [png, png.with_suffix(".json")]
             if options.grid and out.masks is not None:
                 strip = make_grid([_mask_picture(m[i]) for m in out.trajectory_masks], labels=[f"layer {k}" for k in range(len(out.trajectory_masks))],
                                   ncols=len(out.trajectory_masks))
-                save_image(_mask_picture(out.masks[i]), png.with_name(png.stem + "_mask.png"))
-                save_image(strip, png.with_name(png.stem + "_trajectory.png"))
+                save_image(_mask_picture(out.masks[i]), png.with_name(png.stem + "_mask.png"), overwrite=options.overwrite)
+                save_image(strip, png.with_name(png.stem + "_trajectory.png"), overwrite=options.overwrite)
                 written += [png.with_name(png.stem + "_mask.png"), png.with_name(png.stem + "_trajectory.png")]
             if len(images) == 1:
                 print(json.dumps(result, indent=2))
@@ -105,9 +105,9 @@ def infer_mask(options) -> None:
     for chunk in _chunks(list(zip(images, outputs)), options.batch_size or DEFAULT_BATCH):
         out = pipe([image for image, _ in chunk], [options.prompt] * len(chunk), steps, generator, output_type="pil")
         for i, (_, png) in enumerate(chunk):
-            save_image(out.masks[i], png)
+            save_image(out.masks[i], png, overwrite=options.overwrite)
             decoded = [pipe.mask_vae.decode(out.trajectory[k][i:i + 1]).sample[0] for k in shown]
-            save_image(make_grid([_mask_picture(m) for m in decoded], labels=[f"step {k + 1}" for k in shown], ncols=len(shown)), png.with_name(png.stem + "_trajectory.png"))
+            save_image(make_grid([_mask_picture(m) for m in decoded], labels=[f"step {k + 1}" for k in shown], ncols=len(shown)), png.with_name(png.stem + "_trajectory.png"), overwrite=options.overwrite)
             written += [png, png.with_name(png.stem + "_trajectory.png")]
     print(f"wrote {len(written)} files: " + ", ".join(str(p) for p in written[:6]) + (" ..." if len(written) > 6 else ""))
 

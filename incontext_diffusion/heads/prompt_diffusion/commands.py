@@ -50,12 +50,12 @@ def infer(options) -> None:
         if options.height is None and options.width is None and image.size != query.size:
             image = image.resize(query.size, Image.Resampling.LANCZOS)  # the pipeline rounds to the latent grid
         image_path = out if one_file else out / f"{path.stem}.png"
-        save_image(image, image_path)
+        save_image(image, image_path, overwrite=options.overwrite)
         print(f"wrote {image_path}")
         if options.grid:
             grid_path = image_path.with_name(f"{image_path.stem}_grid.png")
             labels = ["example source", "example target", "query", "output"]
-            save_image(make_grid([source, target, query, image], labels=labels), grid_path)
+            save_image(make_grid([source, target, query, image], labels=labels), grid_path, overwrite=options.overwrite)
             print(f"wrote {grid_path}")
 
 

@@ -25,7 +25,7 @@ from rich.progress import Progress, track
 from ...core import tiny
 from ...core.components import Components, load_components, text_to_image_pipeline, token_ids
 from ...core.head import Head
-from ...core.images import make_grid, save_image, to_pil
+from ...core.images import check_output_path, make_grid, save_image, to_pil
 from ...core.model_folder import read_model_folder
 from ...data.annotators import synthetic_map
 from ...data.synthscenes import CLASSES, COLOURS, FLOOR_RGB, SHAPES, SIZES, WALL_RGB, SynthScenesDataset, caption_vocabulary, render_scene
@@ -203,10 +203,12 @@ def generate(pipe: StableDiffusionPipeline, prompts: list[str], steps: int, guid
         return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generator, output_type=output_type, callback_on_step_end=on_step_end).images
 
 
-def text_to_image(model_dir: Path, prompt: str, out: Path, steps: int, guidance: float, seed: int = 0, num_images: int = 1) -> None:
+def text_to_image(model_dir: Path, prompt: str, out: Path, steps: int, guidance: float, seed: int = 0, num_images: int = 1,
+                  overwrite: bool = False) -> None:
     """`icd infer` for a text-to-image model: one image, or a grid of `num_images`."""
+    check_output_path(out, overwrite=overwrite, what="--out")  # before the model runs
     images = generate(load_pipeline(model_dir), [prompt] * num_images, steps, guidance, torch.Generator().manual_seed(seed))
-    save_image(images[0] if num_images == 1 else make_grid(images, ncols=min(num_images, 8)), out)
+    save_image(images[0] if num_images == 1 else make_grid(images, ncols=min(num_images, 8)), out, overwrite=overwrite)
 
 
 # The shipped segmentation model judges which shape a sample shows (when it is in assets/).
