@@ -79,10 +79,15 @@ class MaskVAEModel(torch.nn.Module):
         return mask_vae_loss(self.vae, masks, self.kl_weight)[0]
 
 
+# The `data:` keys every Diff-Prompt stage reads (synthetic expressions or RefCOCO).
+DIFF_PROMPT_DATA_KEYS = frozenset({"source", "path", "size", "seed", "num_samples", "min_objects", "max_objects"})
+
+
 class MaskVAEHead(Head):
     """Stage 1: the Mask-VAE on referred-object masks (recipe diff_prompt_mask_vae)."""
 
     Options = MaskVAEOptions
+    data_keys = DIFF_PROMPT_DATA_KEYS
 
     def build(self) -> None:
         o = self.options
@@ -162,6 +167,7 @@ class DiTHead(Head):
     """Stage 2: the DiT prompt generator on frozen Mask-VAE latents (recipe diff_prompt_dit)."""
 
     Options = DiTOptions
+    data_keys = DIFF_PROMPT_DATA_KEYS
     pipeline_classes = (DiffPromptMaskPipeline,)
 
     def build(self) -> None:
@@ -326,6 +332,7 @@ class GroundingHostHead(Head):
     """Pre-trains the CPU demo host (TinyGroundingHost: Swin + BERT + dot-product head) on synthetic expressions."""
 
     Options = HostOptions
+    data_keys = DIFF_PROMPT_DATA_KEYS
     pipeline_classes = (DiffPromptGroundingPipeline,)  # the host alone: a grounding pipeline without prompts
 
     def build(self) -> None:
@@ -384,6 +391,7 @@ class GroundingHead(Head):
     """Stage 3: trains only the prompt modules through the frozen host's own grounding loss."""
 
     Options = GroundingOptions
+    data_keys = DIFF_PROMPT_DATA_KEYS
     pipeline_classes = (DiffPromptGroundingPipeline,)
 
     def build(self) -> None:

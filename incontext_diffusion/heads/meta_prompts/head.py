@@ -102,6 +102,7 @@ class MetaPromptsHead(Head):
     """Depth or semantic segmentation from a diffusion UNet with meta prompts and recurrent refinement."""
 
     pipeline_classes = (MetaPromptsDepthPipeline, MetaPromptsSegmentationPipeline)
+    data_keys = frozenset({"source", "path", "size", "seed", "num_samples", "min_objects", "max_objects", "held_out"})
 
     def __init__(self, recipe):
         self.Options = task_options(recipe.model, f"recipe {recipe.name}")

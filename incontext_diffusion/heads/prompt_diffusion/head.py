@@ -152,6 +152,7 @@ class PromptDiffusionHead(Head):
 
     Options = PromptDiffusionOptions
     pipeline_classes = (PromptDiffusionPipeline,)
+    data_keys = frozenset({"source", "path", "size", "seed", "num_samples"})
 
     def build(self) -> None:
         if not self.recipe.tasks:
