@@ -266,6 +266,24 @@ def data_cache(
     console.print(f"cached {count} samples in {out}; train with --set data.cache={out}")
 
 
+@data_app.command("shard")
+def data_shard(
+    recipe: str = typer.Option(..., "--recipe", "-r", help="The recipe whose training samples to write (its data.cache, when set)."),
+    out: str = typer.Option(..., "--out", "-o", help="New folder or URL (s3://, gs://, ...) for the shards; then train with --set data.shards=OUT."),
+    set_: list[str] = typer.Option([], "--set", help="Recipe override (backbone, data.*), as for `icd train`."),
+    samples_per_shard: Optional[int] = typer.Option(None, "--samples-per-shard", min=1, help="Samples per Parquet file, also the shuffle buffer (default: about 256 MiB, at most 1000)."),
+) -> None:
+    """Write a recipe's training samples as Parquet shards that training streams, each process its own."""
+    from .core.head import load_head
+    from .data.shards import write_shards
+    from .recipes import load_recipe
+
+    head = load_head(load_recipe(recipe, set_))
+    quiet_loading()
+    count = write_shards(head, out, samples_per_shard)
+    console.print(f"wrote {count} samples to {out}; train with --set data.shards={out}")
+
+
 # --------------------------------------------------------------------------------------- convert
 @convert_app.command("single-file")
 def convert_single_file(
