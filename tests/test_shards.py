@@ -178,7 +178,8 @@ def test_icd_trains_from_shards_and_resumes_after_sigkill_with_identical_weights
     micro = ["--recipe", "tiny_ldm-micro", "--set", f"output_dir={tmp_path / 'tokenizer'}"]
     written = CliRunner().invoke(app, ["data", "shard", *micro, "--out", str(shards), "--samples-per-shard", "6"])
     assert written.exit_code == 0, written.output
-    assert f"train with --set data.shards={shards}" in "".join(written.output.split("\n"))
+    assert f"train with --set data.shards={shards}" in " ".join(written.output.split())  # rich wraps long lines
+    assert len(json.loads((shards / "shards.json").read_text())["shards"]) == 6  # 32 samples, 6 per shard
     # 32 samples in shards of 6, batches of 4: 8 batches per epoch; 12 steps cross an epoch boundary.
     train = ["train", "--recipe", "tiny_ldm-micro", "--set", f"data.shards={shards}", "--set", "train.max_steps=12", "--set", "train.checkpoint_every=2",
              "--set", "train.validate_every=100"]
