@@ -303,6 +303,24 @@ def data_cache(
     console.print(f"cached {count} samples in {out}; train with --set data.cache={out}")
 
 
+@data_app.command("shard")
+def data_shard(
+    recipe: str = typer.Option(..., "--recipe", "-r", help="The recipe whose training samples to write (its data.cache, when set)."),
+    out: str = typer.Option(..., "--out", "-o", help="New folder or URL (s3://, gs://, ...) for the shards; then train with --set data.shards=OUT."),
+    set_: list[str] = typer.Option([], "--set", help="Recipe override (backbone, data.*), as for `icd train`."),
+    samples_per_shard: Optional[int] = typer.Option(None, "--samples-per-shard", min=1, help="Samples per Parquet file, also the shuffle buffer (default: about 256 MiB, at most 1000)."),
+) -> None:
+    """Write a recipe's training samples as Parquet shards that training streams, each process its own."""
+    from .core.head import load_head
+    from .core.shards import write_shards
+    from .recipes import load_recipe
+
+    head = load_head(load_recipe(recipe, set_))
+    quiet_loading()
+    count = write_shards(head, out, samples_per_shard)
+    console.print(f"wrote {count} samples to {out}; train with --set data.shards={out}")
+
+
 # --------------------------------------------------------------------------------------- convert
 @convert_app.command("single-file")
 def convert_single_file(
@@ -335,11 +353,12 @@ def bench(
     peak: Optional[float] = typer.Option(None, "--peak-tflops", help="Device peak for MFU (default: known GPUs' dense bf16 peak)."),
     out: Path = typer.Option(Path("outputs/bench"), "--out", help="Folder of bench.json (appended) and bench.md."),
     list_cases: bool = typer.Option(False, "--list", help="List the cases and exit."),
+    sweep: bool = typer.Option(False, "--sweep", help="Cost against image size (at --batch, default 4) and batch 1-32 (at --resolution, default the smallest size), one training case per head: sweep.{json,md,png} in --out."),
 ) -> None:
     """Time training steps and inference of every head: median s/iter, samples/s, FLOPs, MFU, peak memory."""
     import torch
 
-    from .bench import CASES, DTYPES, markdown_table, run_case, write_results
+    from .bench import CASES, DTYPES, SWEEP_BATCH, SWEEP_CASES, markdown_table, run_case, sweep_table, write_results, write_sweep
 
     if list_cases:
         for name, case in CASES.items():
@@ -354,6 +373,24 @@ def bench(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     elif device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device}: no CUDA device here: pass --device cpu")
+    if sweep:
+        from .bench import sweep as run_sweep
+
+        unknown = [name for name in cases or [] if name not in CASES]
+        if unknown:
+            raise UserError(f"unknown benchmark case {unknown[0]!r}: choose from {', '.join(CASES)}")
+        quiet_loading()
+
+        def report(point) -> None:
+            measured = f"{point.seconds_per_step:.3f} s/step" if point.seconds_per_step is not None else point.note
+            console.print(f"{point.case} {point.series} series: {point.size}px, batch {point.batch}: {measured}")
+
+        points = run_sweep(cases or list(SWEEP_CASES), device, dtype, size, size_series_batch=batch or SWEEP_BATCH, batch_series_size=resolution,
+                           iterations=iterations, warmup=warmup, overrides=tuple(set_), report=report)
+        paths = write_sweep(points, out)
+        typer.echo(sweep_table(points))
+        console.print(f"wrote {', '.join(str(p) for p in paths)}")
+        return
     names = cases or [name for name, case in CASES.items() if size == "tiny" or case.sd15_recipe]
     quiet_loading()
     records = []
