@@ -21,8 +21,8 @@ _EXPORTS = {
     "PromptDiffusionPipeline": "incontext_diffusion.heads.prompt_diffusion.pipeline",
     "MetaPromptsDepthPipeline": "incontext_diffusion.heads.meta_prompts.pipeline",
     "MetaPromptsSegmentationPipeline": "incontext_diffusion.heads.meta_prompts.pipeline",
-    "MaskGenerationPipeline": "incontext_diffusion.heads.diff_prompt.pipeline",
-    "GroundingPipeline": "incontext_diffusion.heads.diff_prompt.pipeline",
+    "DiffPromptMaskPipeline": "incontext_diffusion.heads.diff_prompt.pipeline",
+    "DiffPromptGroundingPipeline": "incontext_diffusion.heads.diff_prompt.pipeline",
 }
 __all__ = ["__version__", *_EXPORTS]
 

@@ -11,6 +11,7 @@ and attention, 2 per multiply-add: the usual numerator of MFU); elementwise work
 from __future__ import annotations
 
 import json
+import math
 import platform
 import resource
 import statistics
@@ -67,6 +68,7 @@ CASES = {
     "meta_prompts_depth-train": Case("meta_prompts_depth-tiny", "meta_prompts_nyu", "train", 512, 8),
     "meta_prompts_depth-infer": Case("meta_prompts_depth-tiny", "meta_prompts_nyu", "infer", 512, 8, _meta_prompts_infer),
     "meta_prompts_seg-train": Case("meta_prompts_seg-tiny", "meta_prompts_ade20k", "train", 512, 8),
+    "diff_prompt_mask_vae-train": Case("diff_prompt_mask_vae-tiny", None, "train", 0, 32),
     "diff_prompt_dit-train": Case("diff_prompt_dit-tiny", None, "train", 0, 32),
     "diff_prompt_grounding-train": Case("diff_prompt_grounding-tiny", None, "train", 0, 32),
     "diff_prompt-infer": Case("diff_prompt_grounding-tiny", None, "infer", 0, 1, _grounding_infer, steps=10),
@@ -124,16 +126,17 @@ def count_flops(run: Callable[[], object]) -> int:
     return counter.get_total_flops()
 
 
-def time_iterations(run: Callable[[], object], device: torch.device, warmup: int, iterations: int) -> list[float]:
+def time_iterations(run: Callable[[], object], device: torch.device, warmup: int, iterations: int,
+                    clock: Callable[[], float] = time.perf_counter) -> list[float]:
     for _ in range(warmup):
         run()
     synchronize(device)
     times = []
     for _ in range(iterations):
-        start = time.perf_counter()
+        start = clock()
         run()
         synchronize(device)
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return times
 
 
@@ -160,15 +163,13 @@ def build_head(case: Case, size: str, resolution: int | None, batch: int, overri
     return head
 
 
-def run_case(name: str, size: str = "tiny", device: str = "cpu", dtype: str = "fp32", batch: int | None = None, resolution: int | None = None,
-             steps: int | None = None, iterations: int = 10, warmup: int = 3, overrides: tuple[str, ...] = (), peak: float | None = None) -> Record:
-    """Build case `name` and time it; see the module docstring."""
+def build_step(name: str, size: str = "tiny", device: str = "cpu", dtype: str = "fp32", batch: int | None = None, resolution: int | None = None,
+               steps: int | None = None, overrides: tuple[str, ...] = ()) -> tuple[Head, torch.nn.Module, Callable[[], object]]:
+    """The head, its trained module and one step of case `name` (a training step or an inference call), ready to run."""
     if name not in CASES:
         raise UserError(f"unknown benchmark case {name!r}: choose from {', '.join(CASES)}")
     case = CASES[name]
     torch_device = torch.device(device)
-    if torch_device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(torch_device)
     batch = batch or case.batch
     head = build_head(case, size, resolution, batch, overrides, torch_device)
     cfg = head.recipe.train
@@ -202,9 +203,21 @@ def run_case(name: str, size: str = "tiny", device: str = "cpu", dtype: str = "f
             with torch.no_grad():
                 return case.infer(head, model, data, run_steps)
 
+    return head, model, run
+
+
+def run_case(name: str, size: str = "tiny", device: str = "cpu", dtype: str = "fp32", batch: int | None = None, resolution: int | None = None,
+             steps: int | None = None, iterations: int = 10, warmup: int = 3, overrides: tuple[str, ...] = (), peak: float | None = None,
+             clock: Callable[[], float] = time.perf_counter) -> Record:
+    """Build case `name` and time it (wall clock unless `clock` says otherwise); see the module docstring."""
+    torch_device = torch.device(device)
+    if torch_device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(torch_device)
+    head, model, run = build_step(name, size, device, dtype, batch, resolution, steps, overrides)
+    case, cfg, batch = CASES[name], head.recipe.train, batch or CASES[name].batch
     flops = count_flops(run)  # eager, before any compilation
     apply_fast_paths([model, *head.frozen()], cfg)
-    times = time_iterations(run, torch_device, warmup, iterations)
+    times = time_iterations(run, torch_device, warmup, iterations, clock)
     seconds = statistics.median(times)
     achieved = flops / seconds / 1e12
     top = peak_tflops(torch_device, peak)
@@ -251,3 +264,202 @@ def write_results(records: list[Record], out_dir: Path) -> tuple[Path, Path]:
     json_path.write_text(json.dumps([asdict(r) for r in everything], indent=1))
     md_path.write_text(markdown_table(everything))
     return json_path, md_path
+
+
+# ----------------------------------------------------------------------------- the cost sweep
+# `icd bench --sweep`: time and peak memory of one training step against image size (at a fixed
+# batch) and against batch (at a fixed size), one case per head, beside the counted FLOPs, so that
+# growth steeper than the arithmetic shows up as a ratio above 1.
+
+SWEEP_CASES = ("prompt_diffusion-train", "meta_prompts_depth-train", "diff_prompt_mask_vae-train")
+SWEEP_SIZES = {"cpu": (64, 128, 256, 512), "cuda": (64, 128, 256, 512, 768, 1024)}
+SWEEP_BATCHES = (1, 2, 4, 8, 16, 32)
+SWEEP_BATCH = 4  # the batch of the size series
+POINT_BUDGET_S = 60.0  # a point predicted (from the last one, by pixels x batch) to take longer is skipped
+
+
+@dataclass
+class SweepPoint:
+    """One point of the sweep; `seconds_per_step` is None when it was not measured (see `note`)."""
+
+    case: str
+    series: str  # "size" (batch fixed) or "batch" (size fixed)
+    device: str
+    size: int
+    batch: int
+    seconds_per_step: float | None
+    gflop_per_step: float | None
+    peak_memory_gib: float | None  # GPU: max allocated; CPU: resident memory the point added to the process
+    note: str = ""
+
+
+def _status_kib(field: str) -> int:
+    """A field of /proc/self/status in KiB (VmRSS: resident now; VmHWM: the peak since the process began)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _point_in_child(send, arguments: dict) -> None:
+    """Runs in a forked child: the point's own peak resident memory, above what the parent held."""
+    baseline = _status_kib("VmRSS")
+    try:
+        record = run_case(**arguments, clock=time.process_time)  # CPU seconds: other jobs on the machine do not inflate them
+        send.send((asdict(record), (_status_kib("VmHWM") - baseline) / 2**20, ""))
+    except (UserError, RuntimeError, MemoryError) as err:
+        send.send((None, None, f"failed: {str(err).splitlines()[0]}"))
+
+
+def measure_point(arguments: dict) -> tuple[Record | None, float | None, str]:
+    """(record, peak memory GiB, note) of one `run_case`. A CPU point runs in a forked process, since a
+    process's peak resident memory only grows; a GPU point runs here, its peak from the allocator."""
+    if torch.device(arguments["device"]).type == "cuda":
+        try:
+            record = run_case(**arguments)
+            return record, record.peak_memory_gib, ""
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            return None, None, "out of memory"
+        except UserError as err:
+            return None, None, f"failed: {err}"
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")  # the child inherits the imports: no start-up cost per point
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_point_in_child, args=(send, arguments))
+    child.start()
+    send.close()
+    try:
+        record, memory, note = receive.recv()
+    except EOFError:  # the child died (killed for memory)
+        record, memory, note = None, None, "failed: the process died (out of memory?)"
+    child.join()
+    return (Record(**record) if record else None), memory, note
+
+
+def sweep(cases: list[str], device: str, dtype: str = "fp32", size: str = "tiny", sizes: tuple[int, ...] | None = None,
+          batches: tuple[int, ...] = SWEEP_BATCHES, size_series_batch: int = SWEEP_BATCH, batch_series_size: int | None = None,
+          iterations: int = 1, warmup: int = 0, overrides: tuple[str, ...] = (), budget_s: float = POINT_BUDGET_S,
+          report: Callable[[SweepPoint], None] = lambda point: None) -> list[SweepPoint]:
+    """Measure every case over `sizes` at `size_series_batch`, then over `batches` at `batch_series_size`."""
+    sizes = sizes or SWEEP_SIZES[torch.device(device).type]
+    batch_series_size = batch_series_size or sizes[0]
+    points = []
+    for name in cases:
+        for series, grid in (("size", [(s, size_series_batch) for s in sizes]), ("batch", [(batch_series_size, b) for b in batches])):
+            last, stop = None, ""  # the last measured point of the series; why the rest is skipped
+            for resolution, batch in grid:
+                note = stop
+                if not note and last is not None:
+                    work = (resolution / last.size) ** 2 * batch / last.batch
+                    predicted = last.seconds_per_step * work * (iterations + warmup + 1)  # + the FLOP-counting pass
+                    if predicted > budget_s:
+                        note = f"skipped: about {predicted:.0f} s predicted (budget {budget_s:.0f} s)"
+                if note:
+                    point = SweepPoint(name, series, device_name(torch.device(device)), resolution, batch, None, None, None, note)
+                else:
+                    arguments = dict(name=name, size=size, device=device, dtype=dtype, batch=batch, resolution=resolution,
+                                     iterations=iterations, warmup=warmup, overrides=overrides)
+                    record, memory, note = measure_point(arguments)
+                    point = SweepPoint(name, series, device_name(torch.device(device)), resolution, batch,
+                                       record.seconds_per_iter if record else None,
+                                       record.gflop_per_sample * batch if record else None, memory, note)
+                    if record:
+                        last = point
+                    else:
+                        stop = f"skipped after {note} at {resolution}px, batch {batch}"
+                points.append(point)
+                report(point)
+    return points
+
+
+def sweep_table(points: list[SweepPoint]) -> str:
+    """One Markdown table; time and FLOP growth relative to the first measured point of each series."""
+    lines = ["| case | series | size | batch | s/step | GFLOP/step | time × | FLOP × | time × ÷ FLOP × | peak mem GiB | note |", "|" + "---|" * 11]
+    first: dict[tuple[str, str], SweepPoint] = {}
+    for p in points:
+        if p.seconds_per_step is None:
+            lines.append(f"| {p.case} | {p.series} | {p.size} | {p.batch} | - | - | - | - | - | - | {p.note} |")
+            continue
+        base = first.setdefault((p.case, p.series), p)
+        time_growth, flop_growth = p.seconds_per_step / base.seconds_per_step, p.gflop_per_step / base.gflop_per_step
+        lines.append(f"| {p.case} | {p.series} | {p.size} | {p.batch} | {p.seconds_per_step:.4f} | {p.gflop_per_step:.2f} | {time_growth:.2f} | "
+                     f"{flop_growth:.2f} | {time_growth / flop_growth:.2f} | {p.peak_memory_gib:.3f} | {p.note} |")
+    return "\n".join(lines) + "\n"
+
+
+def sweep_plot(points: list[SweepPoint], path: Path) -> Path:
+    """A PNG of log-log panels: time and memory per step against size and against batch, one line per
+    case; dashed: the time the FLOP count predicts from the series' first point."""
+    from PIL import Image, ImageDraw
+
+    colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
+    cases = list(dict.fromkeys(p.case for p in points))
+    panels = [("size", "seconds_per_step", "image size (px)", "s / step"), ("batch", "seconds_per_step", "batch", "s / step"),
+              ("size", "peak_memory_gib", "image size (px)", "peak GiB"), ("batch", "peak_memory_gib", "batch", "peak GiB")]
+    width, height, margin = 420, 300, 52
+    image = Image.new("RGB", (2 * width, 2 * height + 24 * len(cases)), "white")
+    draw = ImageDraw.Draw(image)
+    for index, (series, field, x_label, y_label) in enumerate(panels):
+        left, top = (index % 2) * width, (index // 2) * height
+        box = (left + margin, top + 16, left + width - 12, top + height - 40)
+        lines = {}
+        for name in cases:
+            measured = [p for p in points if p.case == name and p.series == series and getattr(p, field) is not None]
+            if not measured:
+                continue
+            x = [p.size if series == "size" else p.batch for p in measured]
+            lines[name] = [(xi, getattr(p, field)) for xi, p in zip(x, measured)]
+            if field == "seconds_per_step":  # what the FLOP count predicts
+                base = measured[0]
+                lines[name + " (FLOPs)"] = [(xi, base.seconds_per_step * p.gflop_per_step / base.gflop_per_step) for xi, p in zip(x, measured)]
+        values = [v for line in lines.values() for v in line]
+        draw.rectangle(box, outline="black")
+        draw.text((box[0], box[3] + 22), f"{y_label} against {x_label}", fill="black")
+        if not values:
+            continue
+        x_range = [math.log2(min(v[0] for v in values)), math.log2(max(v[0] for v in values)) + 1e-9]
+        y_range = [math.log10(min(v[1] for v in values)) - 0.05, math.log10(max(v[1] for v in values)) + 0.05]
+
+        def to_pixel(x: float, y: float) -> tuple[float, float]:
+            fx = (math.log2(x) - x_range[0]) / max(x_range[1] - x_range[0], 1e-9)
+            fy = (math.log10(y) - y_range[0]) / (y_range[1] - y_range[0])
+            return box[0] + fx * (box[2] - box[0]), box[3] - fy * (box[3] - box[1])
+
+        for x in sorted({v[0] for v in values}):
+            px, _ = to_pixel(x, 10 ** y_range[0])
+            draw.line([(px, box[3]), (px, box[3] + 4)], fill="black")
+            draw.text((px - 8, box[3] + 6), str(x), fill="black")
+        for decade in range(math.floor(y_range[0]), math.ceil(y_range[1]) + 1):
+            if y_range[0] <= decade <= y_range[1]:
+                _, py = to_pixel(2 ** x_range[0], 10.0**decade)
+                draw.line([(box[0] - 4, py), (box[2], py)], fill=(225, 225, 225))
+                draw.text((left + 4, py - 6), f"{10.0**decade:g}", fill="black")
+        for name, line in lines.items():
+            colour = colours[cases.index(name.removesuffix(" (FLOPs)")) % len(colours)]
+            pixels = [to_pixel(x, y) for x, y in line]
+            if name.endswith("(FLOPs)"):
+                for (x0, y0), (x1, y1) in zip(pixels, pixels[1:]):  # dashed
+                    for t in range(0, 10, 2):
+                        draw.line([(x0 + (x1 - x0) * t / 10, y0 + (y1 - y0) * t / 10), (x0 + (x1 - x0) * (t + 1) / 10, y0 + (y1 - y0) * (t + 1) / 10)], fill=colour)
+            else:
+                draw.line(pixels, fill=colour, width=2)
+                for px, py in pixels:
+                    draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
+    for i, name in enumerate(cases):
+        y = 2 * height + 6 + 24 * i
+        draw.line([(margin, y + 7), (margin + 30, y + 7)], fill=colours[i % len(colours)], width=2)
+        draw.text((margin + 40, y), f"{name} (dashed: time the FLOP count predicts)", fill="black")
+    image.save(path)
+    return path
+
+
+def write_sweep(points: list[SweepPoint], out_dir: Path) -> tuple[Path, Path, Path]:
+    """out_dir/sweep.json, sweep.md (the table) and sweep.png (the plot) of this sweep."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path, png_path = out_dir / "sweep.json", out_dir / "sweep.md", out_dir / "sweep.png"
+    json_path.write_text(json.dumps([asdict(p) for p in points], indent=1))
+    md_path.write_text(sweep_table(points))
+    sweep_plot(points, png_path)
+    return json_path, md_path, png_path

@@ -95,10 +95,21 @@ class InferOptions:
     batch_size: int | None = None
     device: str | None = None
     dtype: str | None = None
+    overwrite: bool = False  # replace existing output files (otherwise they are refused)
+
+    def __post_init__(self) -> None:
+        from .core.components import check_model_files
+        from .core.images import check_output_target
+        from .core.model_folder import read_model_folder
+
+        read_model_folder(self.model)  # a broken model_index.json or recipe.yaml: one line, before anything loads
+        check_model_files(self.model)  # so is a missing or broken weights file
+        if self.out is not None:  # before the model loads: a bad output path fails at once
+            check_output_target(self.out, overwrite=self.overwrite)
 
     def refuse_unused(self, uses: set[str], kind: str) -> None:
         """One line naming the first flag given that a `kind` model does not read."""
-        refuse_unused(self, uses, kind, always_read=("model", "seed"))
+        refuse_unused(self, uses, kind, always_read=("model", "seed", "overwrite"))
 
 
 @dataclass
@@ -119,11 +130,25 @@ class EvalOptions:
     batch_size: int | None = None
     device: str | None = None
     dtype: str | None = None
+    overwrite: bool = False  # replace an existing results.md / results.json
+
+    def __post_init__(self) -> None:
+        from .core.components import check_model_files
+        from .core.images import check_output_folder
+        from .core.model_folder import read_model_folder
+
+        read_model_folder(self.model)
+        check_model_files(self.model)
+        check_output_folder(self.out, what="--out")  # before the evaluation runs, not after it
+        written = [self.out / name for name in RESULT_FILES if (self.out / name).exists()]
+        if written and not self.overwrite:
+            raise UserError(f"{written[0]} already exists: pass --overwrite to replace the results, or choose another --out")
 
     def refuse_unused(self, uses: set[str], kind: str) -> None:
         """One line naming the first flag given that a `kind` model's evaluation does not read."""
-        refuse_unused(self, uses, kind, always_read=("model", "out", "seed", "num_samples"))
+        refuse_unused(self, uses, kind, always_read=("model", "out", "seed", "num_samples", "overwrite"))
 
+RESULT_FILES = ("results.json", "results.md")
 
 def refuse_unused(options: InferOptions | EvalOptions, uses: set[str], kind: str, always_read: tuple[str, ...]) -> None:
     for name, value in vars(options).items():
@@ -179,12 +204,13 @@ def infer(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Inputs per pipeline call."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1, ... (default: CUDA when present)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32, bf16 or fp16 (default: fp32)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files (default: refuse them)."),
 ) -> None:
     """Run a trained model on your inputs and write the result."""
     from .core.model_folder import resolve_model
 
     options = InferOptions(resolve_model(model), out, prompt, example, query, [Path(i) for i in image], grid, steps, guidance, seed, num_images,
-                           height, width, processing_resolution, tta, batch_size, device, dtype)
+                           height, width, processing_resolution, tta, batch_size, device, dtype, overwrite)
     _handler(INFER_HANDLERS, options.model, "infer")(options)
 
 
@@ -204,6 +230,7 @@ def evaluate(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per pipeline call."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, ... (default: CUDA when present)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32, bf16 or fp16 (default: fp32)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing results in --out (default: refuse them)."),
 ) -> None:
     """Evaluate a trained model; writes results.md and results.json."""
     from .core.model_folder import resolve_model
@@ -214,7 +241,7 @@ def evaluate(
     except ValueError:
         raise UserError(f"--scales {scales!r} is not a comma-separated list of numbers: pass e.g. --scales 0.5,1.0,1.5") from None
     options = EvalOptions(resolve_model(model), out, data, task_list, num_samples, steps, guidance, seed, inception_weights,
-                          protocol, scale_list, batch_size, device, dtype)
+                          protocol, scale_list, batch_size, device, dtype, overwrite)
     write_results(_handler(EVAL_HANDLERS, options.model, "eval")(options), out)
 
 
@@ -223,10 +250,11 @@ def write_results(results: dict, out: Path) -> None:
     def shown(value) -> str:
         return f"{value:.4f}" if isinstance(value, float) else str(value)
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    from .core.images import write_text_atomic
+
     lines = ["| metric | value |", "|---|---|"] + [f"| {k} | {shown(v)} |" for k, v in results.items()]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(out / "results.json", json.dumps(results, indent=2))
+    write_text_atomic(out / "results.md", "\n".join(lines) + "\n")
     table = Table("metric", "value")
     for key, value in results.items():
         table.add_row(key, shown(value))
@@ -275,6 +303,24 @@ def data_cache(
     console.print(f"cached {count} samples in {out}; train with --set data.cache={out}")
 
 
+@data_app.command("shard")
+def data_shard(
+    recipe: str = typer.Option(..., "--recipe", "-r", help="The recipe whose training samples to write (its data.cache, when set)."),
+    out: str = typer.Option(..., "--out", "-o", help="New folder or URL (s3://, gs://, ...) for the shards; then train with --set data.shards=OUT."),
+    set_: list[str] = typer.Option([], "--set", help="Recipe override (backbone, data.*), as for `icd train`."),
+    samples_per_shard: Optional[int] = typer.Option(None, "--samples-per-shard", min=1, help="Samples per Parquet file, also the shuffle buffer (default: about 256 MiB, at most 1000)."),
+) -> None:
+    """Write a recipe's training samples as Parquet shards that training streams, each process its own."""
+    from .core.head import load_head
+    from .core.shards import write_shards
+    from .recipes import load_recipe
+
+    head = load_head(load_recipe(recipe, set_))
+    quiet_loading()
+    count = write_shards(head, out, samples_per_shard)
+    console.print(f"wrote {count} samples to {out}; train with --set data.shards={out}")
+
+
 # --------------------------------------------------------------------------------------- convert
 @convert_app.command("single-file")
 def convert_single_file(
@@ -307,11 +353,12 @@ def bench(
     peak: Optional[float] = typer.Option(None, "--peak-tflops", help="Device peak for MFU (default: known GPUs' dense bf16 peak)."),
     out: Path = typer.Option(Path("outputs/bench"), "--out", help="Folder of bench.json (appended) and bench.md."),
     list_cases: bool = typer.Option(False, "--list", help="List the cases and exit."),
+    sweep: bool = typer.Option(False, "--sweep", help="Cost against image size (at --batch, default 4) and batch 1-32 (at --resolution, default the smallest size), one training case per head: sweep.{json,md,png} in --out."),
 ) -> None:
     """Time training steps and inference of every head: median s/iter, samples/s, FLOPs, MFU, peak memory."""
     import torch
 
-    from .bench import CASES, DTYPES, markdown_table, run_case, write_results
+    from .bench import CASES, DTYPES, SWEEP_BATCH, SWEEP_CASES, markdown_table, run_case, sweep_table, write_results, write_sweep
 
     if list_cases:
         for name, case in CASES.items():
@@ -326,6 +373,24 @@ def bench(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     elif device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device}: no CUDA device here: pass --device cpu")
+    if sweep:
+        from .bench import sweep as run_sweep
+
+        unknown = [name for name in cases or [] if name not in CASES]
+        if unknown:
+            raise UserError(f"unknown benchmark case {unknown[0]!r}: choose from {', '.join(CASES)}")
+        quiet_loading()
+
+        def report(point) -> None:
+            measured = f"{point.seconds_per_step:.3f} s/step" if point.seconds_per_step is not None else point.note
+            console.print(f"{point.case} {point.series} series: {point.size}px, batch {point.batch}: {measured}")
+
+        points = run_sweep(cases or list(SWEEP_CASES), device, dtype, size, size_series_batch=batch or SWEEP_BATCH, batch_series_size=resolution,
+                           iterations=iterations, warmup=warmup, overrides=tuple(set_), report=report)
+        paths = write_sweep(points, out)
+        typer.echo(sweep_table(points))
+        console.print(f"wrote {', '.join(str(p) for p in paths)}")
+        return
     names = cases or [name for name, case in CASES.items() if size == "tiny" or case.sd15_recipe]
     quiet_loading()
     records = []
@@ -408,11 +473,37 @@ def register_head_commands() -> None:
 register_head_commands()
 
 
+def usage_error_line(error) -> str:
+    """click's own usage errors (`min=`, types, missing or unknown options) as our one line."""
+    message = " ".join(error.format_message().split()).rstrip(".")
+    command = error.ctx.command_path if error.ctx is not None else "icd"
+    return f"{message[:1].lower()}{message[1:]}: see `{command} --help`"
+
+
 def main() -> None:
+    """Run `icd`: a mistake the user can fix ends in one line `error: ...` and exit code 2."""
+    try:  # typer >= 0.22 carries its own copy of click
+        from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+    except ImportError:
+        from click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+    from .errors import is_user_os_error, os_error_message
+
     try:
-        app()
-    except UserError as err:
-        if DEBUG:
+        exit_code = app(standalone_mode=False)  # click's errors come back to us instead of printing a panel
+    except NoArgsIsHelpError as err:  # `icd` alone, `icd data`: typer printed the help as it raised this
+        sys.exit(err.exit_code)
+    except (UserError, ClickException, OSError) as err:
+        if DEBUG or (isinstance(err, OSError) and not is_user_os_error(err)):
             raise
-        err_console.print(f"error: {err}", markup=False, highlight=False, soft_wrap=True)
+        if isinstance(err, UsageError):
+            line = usage_error_line(err)
+        elif isinstance(err, OSError):
+            line = os_error_message(err, doing="cannot use")
+        elif isinstance(err, ClickException):
+            line = err.format_message()
+        else:
+            line = str(err)
+        err_console.print(f"error: {line}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)
+    if isinstance(exit_code, int) and exit_code:
+        sys.exit(exit_code)

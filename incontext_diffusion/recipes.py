@@ -47,6 +47,7 @@ class DataConfig(Strict):
     held_out: int = Field(100, ge=0)  # scenes kept for validation and evaluation
     num_workers: int = Field(0, ge=0)
     cache: str | None = None  # a folder written by `icd data cache`: precomputed encoder outputs to train from
+    shards: str | None = None  # a folder or URL (s3://, gs://) written by `icd data shard`: streamed, each process its own shards
 
 
 class TrainConfig(Strict):

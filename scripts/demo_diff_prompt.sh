@@ -48,4 +48,6 @@ N=${EVAL_SCENES:-100}
 for model in grounding_host-tiny vpt_deep-tiny diff_prompt_grounding-tiny; do
   "$ICD" eval --model "$RUNS/$model/model" --num-samples "$N" --out "$OUT/eval_$model"
 done
+echo "== where the gain is lost: the DiT's prompts, oracle prompts and the DiT's mask as a box (docs/diff_prompt.md)"
+"$ICD" diff-prompt-diagnose --model "$RUNS/diff_prompt_grounding-tiny/model" --num-samples "$N" --out "$OUT/diagnosis.json"
 echo "Diff-Prompt demo outputs in $OUT"

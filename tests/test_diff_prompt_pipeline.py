@@ -2,8 +2,10 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from incontext_diffusion.cli import EvalOptions, InferOptions
 from incontext_diffusion.core.head import load_head
@@ -15,7 +17,7 @@ from incontext_diffusion.heads.diff_prompt import commands
 from incontext_diffusion.heads.diff_prompt.head import _as_batch
 from incontext_diffusion.core.tiny import micro_components
 from incontext_diffusion.data.synthscenes import caption_vocabulary
-from incontext_diffusion.heads.diff_prompt.pipeline import GroundingPipeline, MaskGenerationPipeline
+from incontext_diffusion.heads.diff_prompt.pipeline import DiffPromptGroundingPipeline, DiffPromptMaskPipeline
 from incontext_diffusion.heads.diff_prompt.tiny import tiny_clip_with_backbone_text
 from incontext_diffusion.recipes import load_recipe
 
@@ -59,7 +61,7 @@ def test_exports_chain(chain):
     assert {p.name for p in chain["dit"].iterdir()} >= {"mask_vae", "dit", "clip", "scheduler", "image_vae", "model_index.json"}
     assert {p.name for p in chain["dp"].iterdir()} >= {"host", "prompts.safetensors", "dit", "mask_vae", "clip"}
     assert not (chain["vpt"] / "dit").exists()  # static prompts need no generator
-    pipe = GroundingPipeline.from_pretrained(chain["dp"])
+    pipe = DiffPromptGroundingPipeline.from_pretrained(chain["dp"])
     images = torch.rand(2, 3, 32, 32) * 2 - 1
     vision, text, masks = pipe.prompt_tensors(images, ["the cube", "the red sphere"], torch.Generator().manual_seed(0))
     assert len(masks) == 2 and not masks[0].requires_grad  # the frozen sampler runs under no_grad
@@ -79,15 +81,55 @@ def test_infer_and_eval(chain, tmp_path):
     result = json.loads(out.with_suffix(".json").read_text())
     assert len(result["boxes_xyxy"]) == 5 and result["scores"] == sorted(result["scores"], reverse=True)
     assert load_rgb(out).size == (32, 32) and (out.parent / "grounding_mask.png").is_file() and (out.parent / "grounding_trajectory.png").is_file()
+    fresh = tmp_path / "refused" / "grounding.png"  # the refusals must come before any output is written
     with pytest.raises(UserError, match="--text"):
-        commands.infer_grounding(InferOptions(model=chain["dp"], out=out, images=[tmp_path / "scene.png"]))
-    table = commands.eval_grounding(EvalOptions(model=chain["vpt"], out=tmp_path / "eval", num_samples=2, tasks=["all", "unique"]))
-    assert table["method"] == "vpt_deep" and {"all R@1", "all R@5", "all UB", "all R@1_iou", "unique R@1"} <= set(table)
-    assert 0 <= table["all R@1"] <= table["all R@5"] <= table["all UB"] <= 1
-    masks = commands.eval_mask_generation(EvalOptions(model=chain["dit"], out=tmp_path / "eval2", num_samples=2, steps=4, tasks=["all"]))
-    assert 0 <= masks["all mask IoU"] <= 1 and masks["all expressions"] > 0
+        commands.infer_grounding(InferOptions(model=chain["dp"], out=fresh, images=[tmp_path / "scene.png"]))
+    with pytest.raises(UserError, match="--guidance is not used by a Diff-Prompt grounding model"):
+        commands.infer_grounding(InferOptions(model=chain["dp"], out=fresh, prompt="the cube", images=[tmp_path / "scene.png"], guidance=3.0))
+    with pytest.raises(UserError, match="--steps is not used"):  # static prompts: no DDIM
+        commands.infer_grounding(InferOptions(model=chain["vpt"], out=fresh, prompt="the cube", images=[tmp_path / "scene.png"], steps=4))
+    assert not fresh.parent.exists()
+
+
+def test_eval_tables_count_hits_by_hand(chain, tmp_path, monkeypatch):
+    """The eval handlers on outputs fixed here: the right box (in the image's pixels) for every other expression."""
+    from types import SimpleNamespace
+
+    calls = []
+
+    def fake_grounding(self, image, prompt, generator=None, top_k=None, num_inference_steps=None):
+        size = image.shape[-1]
+        first = len(calls)
+        calls.extend(prompt)
+        boxes = [FAKE_GT[first + i] * size if (first + i) % 2 == 0 else torch.tensor([0.0, 0.0, 1.0, 1.0]) for i in range(len(prompt))]
+        return SimpleNamespace(boxes=torch.stack(boxes)[:, None], scores=torch.ones(len(prompt), 1))
+
+    samples = commands._eval_splits(EvalOptions(model=chain["vpt"], out=tmp_path, num_samples=2, tasks=["all"]), 32)["all"]
+    FAKE_GT[:] = [torch.tensor(s.box) for s in samples]
+    monkeypatch.setattr(DiffPromptGroundingPipeline, "__call__", fake_grounding)
+    table = commands.eval_grounding(EvalOptions(model=chain["vpt"], out=tmp_path / "eval", num_samples=2, tasks=["all"], batch_size=3))
+    hits = (len(samples) + 1) // 2  # expressions 0, 2, 4, ... get their own box; a 1-px box at the corner hits none
+    assert table["all R@1"] == table["all UB"] == hits / len(samples) and table["all expressions"] == len(samples)
+    assert table["method"] == "vpt_deep" and table["images_per_second"] > 0
+
+    def fake_masks(self, image, prompt, num_inference_steps=None, generator=None, **_):
+        first = len(calls)
+        calls.extend(prompt)
+        masks = [FAKE_MASKS[first + i] if (first + i) % 2 == 0 else torch.zeros_like(FAKE_MASKS[0]) for i in range(len(prompt))]
+        return SimpleNamespace(masks=torch.stack(masks))
+
+    calls.clear()
+    FAKE_MASKS[:] = [torch.from_numpy(s.mask).float()[None] for s in samples]
+    monkeypatch.setattr(DiffPromptMaskPipeline, "__call__", fake_masks)
+    masks = commands.eval_mask_generation(EvalOptions(model=chain["dit"], out=tmp_path / "eval2", num_samples=2, tasks=["all"], batch_size=3))
+    assert masks["all mask IoU"] == pytest.approx(hits / len(samples)) and masks["ddim_steps"] == 4  # the exported default
+    monkeypatch.setattr("incontext_diffusion.heads.diff_prompt.mask_vae.reconstruct", lambda vae, m: 1 - m)  # every pixel wrong
     vae = commands.eval_mask_vae(EvalOptions(model=chain["vae"], out=tmp_path / "eval3", num_samples=2, tasks=["all"]))
-    assert 0 <= vae["all reconstruction IoU"] <= 1
+    assert vae["all reconstruction IoU"] == 0 and vae["all masks"] == len(samples)
+
+
+FAKE_GT: list = []
+FAKE_MASKS: list = []
 
 
 def test_validation_keeps_the_trainable_parts_trainable(chain, tmp_path):
@@ -98,7 +140,16 @@ def test_validation_keeps_the_trainable_parts_trainable(chain, tmp_path):
     head = load_head(recipe)
     head.build()
     model = head.trainable()
-    assert head.validate(model, 1) is not None
+    # rows: 6 images, their true masks, the generated masks; 32 px masks drawn x6 (192 px cells), 4 px gaps
+    picture = head.validate(model, 1)
+    assert picture.width == 6 * 192 + 5 * 4
+    label_h = (picture.height - 2 * 4) // 3 - 192
+    pipe = head.pipeline(model)
+    batch = _as_batch(head.validation)
+    generated = pipe(batch["images"], batch["texts"], generator=torch.Generator().manual_seed(0)).masks.clamp(0, 1)
+    top = 2 * (label_h + 192 + 4) + label_h
+    cell = np.asarray(picture.crop((0, top, 192, top + 192)).convert("L"), dtype=np.float32)[::6, ::6] / 255
+    assert np.abs(cell - generated[0, 0].numpy()).max() <= 1 / 255 + 1e-6
     frozen = ("conditioner.clip.text_model.", "conditioner.image_vae.")
     for name, p in model.named_parameters():
         assert p.requires_grad == (not name.startswith(frozen)), name
@@ -107,7 +158,7 @@ def test_validation_keeps_the_trainable_parts_trainable(chain, tmp_path):
 
 def test_condition_reaches_the_dit(chain):
     """The probe behind the stage-2 fix: the generated latents change when only the text, or only the image, changes."""
-    pipe = MaskGenerationPipeline.from_pretrained(chain["dit"])
+    pipe = DiffPromptMaskPipeline.from_pretrained(chain["dit"])
     for p in pipe.dit.parameters():  # two training steps leave adaLN almost zero: give every weight a value
         torch.nn.init.normal_(p, std=0.1)
     images = torch.rand(1, 3, 32, 32) * 2 - 1
@@ -124,7 +175,7 @@ def test_image_pixels_follow_the_image_latent_and_survive_export(chain, tmp_path
     its grid], and the exported pipeline rebuilds it from the DiT's config."""
     import torch.nn.functional as F
 
-    pipe = MaskGenerationPipeline.from_pretrained(chain["dit"])
+    pipe = DiffPromptMaskPipeline.from_pretrained(chain["dit"])
     assert pipe.dit.config.image_pixels and pipe.conditioner.image_pixels
     images = torch.rand(2, 3, 64, 64) * 2 - 1  # the size the x4 micro VAE turns into the 16x16 mask-latent grid: no resize
     condition = pipe.conditioner.image_latents(images)
@@ -197,3 +248,125 @@ def test_frozen_conditioner_is_encoded_once_with_the_same_loss(chain, tmp_path):
     with pytest.raises(UserError, match="encode_once"):
         load_head(load_recipe("diff_prompt_dit-tiny", [*MICRO, f"model.mask_vae={chain['vae']}", f"output_dir={tmp_path / 'b'}",
                                                       *micro_dit_overrides(chain["backbone"]), "model.train_clip=true", "model.encode_once=true"])).build()
+
+
+def wide_photo(tmp_path):
+    """A 50x30 RGB scene (not square, not the host's 32 px) as a file, a PIL image and an array."""
+    from PIL import Image
+
+    rgb = np.asarray(load_rgb(render_scene(1_000_003, 32).rgb).resize((50, 30)))
+    save_image(Image.fromarray(rgb), tmp_path / "wide.png")
+    return tmp_path / "wide.png", Image.fromarray(rgb), rgb
+
+
+def test_pipelines_take_any_image_and_answer_at_its_size(chain, tmp_path):
+    path, pil, array = wide_photo(tmp_path)
+    pipe = DiffPromptGroundingPipeline.from_pretrained(chain["dp"]).to("cpu")
+    pipe.set_progress_bar_config(disable=True)
+    outs = [pipe(x, "the cube", torch.Generator().manual_seed(0), top_k=None) for x in (path, pil, array, array.astype(np.float32) / 255)]
+    for out in outs:
+        assert out.masks.shape == (1, 1, 30, 50) and out.boxes.shape[0] == 1
+        assert (out.boxes >= 0).all() and (out.boxes[..., 0::2] <= 50).all() and (out.boxes[..., 1::2] <= 30).all()
+    assert torch.equal(outs[0].boxes, outs[1].boxes) and torch.equal(outs[0].boxes, outs[2].boxes)
+    mixed = pipe([pil, torch.rand(3, 32, 32) * 2 - 1], ["the cube", "the sphere"], torch.Generator().manual_seed(0), output_type="pil")
+    assert [m.size for m in mixed.masks] == [(50, 30), (32, 32)] and [tuple(b.shape) for b in mixed.boxes] == [(5, 4), (5, 4)]
+    with pytest.raises(UserError, match="cannot read an image from int"):
+        pipe(3, "the cube")
+    with pytest.raises(UserError, match=r"\[0, 1\]"):
+        pipe(array.astype(np.float32), "the cube")
+    with pytest.raises(UserError, match="one expression per image"):
+        pipe([pil, pil], ["the cube"])
+
+
+def test_boxes_are_scaled_to_the_image_and_clipped(chain, tmp_path, monkeypatch):
+    _, pil, _ = wide_photo(tmp_path)
+    from incontext_diffusion.heads.diff_prompt.hosts import GroundingOutput
+
+    pipe = DiffPromptGroundingPipeline.from_pretrained(chain["vpt"])
+    proposals = torch.tensor([[[0.1, 0.2, 0.3, 0.4], [-0.2, -0.1, 1.3, 0.5]]])  # the second crosses three borders and scores higher
+    monkeypatch.setattr(pipe.host, "forward", lambda pixel_values, texts: GroundingOutput(torch.tensor([[-2.0, 2.0]]), proposals))
+    out = pipe(pil, "the cube")
+    assert torch.allclose(out.boxes, torch.tensor([[[0.0, 0.0, 50.0, 15.0], [5.0, 6.0, 15.0, 12.0]]]))
+
+
+def test_mask_pipeline_callback_steps_and_output_types(chain, tmp_path):
+    _, pil, _ = wide_photo(tmp_path)
+    pipe = DiffPromptMaskPipeline.from_pretrained(chain["dit"])
+    pipe.set_progress_bar_config(disable=True)
+    seen = []
+
+    def zero_at_the_end(p, index, timestep, tensors):
+        seen.append(int(timestep))
+        return {"latents": torch.zeros_like(tensors["latents"])} if index == p.config.ddim_steps - 1 else tensors
+
+    out = pipe(pil, "the cube", generator=torch.Generator().manual_seed(0), callback_on_step_end=zero_at_the_end)
+    assert len(seen) == pipe.config.ddim_steps == 4 and seen == sorted(seen, reverse=True)  # the exported default, noisiest first
+    assert torch.equal(out.trajectory[-1], torch.zeros_like(out.trajectory[-1]))
+    assert torch.allclose(out.masks[0], F.interpolate(pipe.mask_vae.decode(out.trajectory[-1]).sample, size=(30, 50), mode="bilinear")[0], atol=1e-6)
+    assert pipe(pil, "the cube", output_type="np").masks.shape == (1, 30, 50)
+    with pytest.raises(UserError, match="output_type"):
+        pipe(pil, "the cube", output_type="latent")
+
+
+def test_infer_and_eval_use_the_exported_ddim_steps(chain, tmp_path, monkeypatch):
+    steps = []
+    original = DiffPromptMaskPipeline.sample
+    monkeypatch.setattr(DiffPromptMaskPipeline, "sample", lambda self, images, texts, n, *a, **k: steps.append(n) or original(self, images, texts, n, *a, **k))
+    path, _, _ = wide_photo(tmp_path)
+    commands.infer_grounding(InferOptions(model=chain["dp"], out=tmp_path / "o.png", prompt="the cube", images=[path]))
+    commands.eval_grounding(EvalOptions(model=chain["dp"], out=tmp_path / "eval", num_samples=1, tasks=["unique"]))
+    exported = json.loads((chain["dp"] / "model_index.json").read_text())["ddim_steps"]
+    assert exported == 4 and set(steps) == {exported}
+    steps.clear()
+    commands.infer_grounding(InferOptions(model=chain["dp"], out=tmp_path / "o.png", prompt="the cube", images=[path], steps=6, overwrite=True))
+    assert steps == [6]
+
+
+def test_infer_on_a_folder_writes_one_answer_per_image_at_its_size(chain, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name, size in (("a.png", (50, 30)), ("b.jpg", (32, 40)), ("c.png", (32, 32))):
+        Image.fromarray(np.asarray(load_rgb(render_scene(1_000_001, 32).rgb).resize(size))).save(folder / name)
+    commands.infer_grounding(InferOptions(model=chain["dp"], out=tmp_path / "out", prompt="the cube", images=[folder], grid=True, batch_size=2))
+    for name, (w, h) in (("a", (50, 30)), ("b", (32, 40)), ("c", (32, 32))):
+        assert load_rgb(tmp_path / "out" / f"{name}.png").size == (w, h) and load_rgb(tmp_path / "out" / f"{name}_mask.png").size == (w, h)
+        boxes = torch.tensor(json.loads((tmp_path / "out" / f"{name}.json").read_text())["boxes_xyxy"])
+        assert (boxes >= 0).all() and (boxes[:, 0::2] <= w).all() and (boxes[:, 1::2] <= h).all()
+    commands.infer_mask(InferOptions(model=chain["dit"], out=tmp_path / "masks", prompt="the cube", images=[str(folder / "*.png")]))
+    assert sorted(p.name for p in (tmp_path / "masks").iterdir()) == ["a.png", "a_trajectory.png", "c.png", "c_trajectory.png"]
+    assert load_rgb(tmp_path / "masks" / "a.png").size == (50, 30)
+    with pytest.raises(UserError, match="pass a folder for --out"):
+        commands.infer_grounding(InferOptions(model=chain["dp"], out=tmp_path / "one.png", prompt="the cube", images=[folder]))
+
+
+def test_oracle_prompts_are_the_true_mask_noised_forward(chain):
+    pipe = DiffPromptMaskPipeline.from_pretrained(chain["dit"])
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., 8:20, 4:12] = 1
+    layers = pipe.oracle_prompt_masks(mask, depth=2, num_inference_steps=4, generator=torch.Generator().manual_seed(5))
+    latent = pipe.mask_vae.encode(mask).latent_dist.mode()
+    assert torch.allclose(layers[0], pipe.mask_vae.decode(latent).sample, atol=1e-6)  # layer 0: the clean end of the trajectory
+    # layer 1 gets trajectory index 1 (4 steps: timesteps 75, 50, 25, 0): the latent at timestep 25
+    a = pipe.scheduler.alphas_cumprod[25]
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(5))
+    assert torch.allclose(layers[1], pipe.mask_vae.decode(a.sqrt() * latent + (1 - a).sqrt() * noise).sample, atol=1e-5)
+
+
+def test_largest_component_box_and_the_diagnosis_rows(chain):
+    from incontext_diffusion.heads.diff_prompt.diagnose import diagnose, largest_component_box
+
+    mask = torch.zeros(10, 20)
+    mask[1:3, 2:4] = 0.9  # 4 px
+    mask[5:9, 10:16] = 0.8  # 24 px: the largest
+    mask[0, 19] = 1.0
+    assert torch.allclose(largest_component_box(mask), torch.tensor([10 / 20, 5 / 10, 16 / 20, 9 / 10], dtype=torch.float64))
+    assert largest_component_box(torch.full((4, 4), 0.4)) is None
+    table = diagnose(chain["dp"], num_scenes=2)
+    assert set(table) == {"host", "dit prompts", "oracle prompts", "mask box", "host proposals ranked by mask box"}
+    host = commands.eval_grounding(EvalOptions(model=chain["host"], out=chain["root"] / "eval_host", num_samples=2, tasks=["all", "unique"]))
+    assert table["host"]["all R@1"] == host["all R@1"] and table["host"]["all R@5"] == host["all R@5"]  # the same host, unprompted
+    assert table["mask box"]["all R@1"] == table["mask box"]["all UB"]  # one box per expression
+    with pytest.raises(UserError, match="vpt_deep"):
+        diagnose(chain["vpt"], num_scenes=1)

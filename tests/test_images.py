@@ -262,7 +262,7 @@ def test_failed_save_leaves_the_existing_file_untouched(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Image.Image, "save", broken_save)
     with pytest.raises(RuntimeError, match="disk full"):
-        save_image(noise(), target)
+        save_image(noise(), target, overwrite=True)
     assert target.read_bytes() == b"previous content"
     assert [p.name for p in tmp_path.iterdir()] == ["sample.png"]
 
@@ -288,14 +288,94 @@ def test_tensor_round_trip():
 def test_make_grid_size():
     tiles = [noise((20, 10), seed) for seed in range(5)]
     gap = 4
-    grid = make_grid(tiles, ncols=3, gap=gap)
+    grid = make_grid(tiles, ncols=3, gap=gap, min_cell=0)  # 0: cells keep their pixels' size
     assert grid.size == (3 * 20 + 2 * gap, 2 * 10 + gap)
-    rows = make_grid([[tiles[0], Image.new("L", (8, 8))], [tiles[1]]], gap=gap)
+    rows = make_grid([[tiles[0], Image.new("L", (8, 8))], [tiles[1]]], gap=gap, min_cell=0)
     assert rows.size == (2 * 20 + gap, 2 * 10 + gap) and rows.mode == "RGB"
-    labelled = make_grid(tiles[:2], labels=["example", "a long caption " * 5], gap=gap)
+    labelled = make_grid(tiles[:2], labels=["example", "a long caption " * 5], gap=gap, min_cell=0)
     assert labelled.width == 2 * 20 + gap and labelled.height > 10
     with pytest.raises(ValueError):
         make_grid(tiles, labels=["only one"])
+
+
+def test_make_grid_enlarges_small_cells_by_a_whole_factor():
+    # Longer side 20 -> factor ceil(192 / 20) = 10: each cell is 200 x 100, each pixel a 10 x 10 block.
+    tiles = [noise((20, 10), seed) for seed in range(2)]
+    grid = make_grid(tiles, gap=4)
+    assert grid.size == (2 * 200 + 4, 100)
+    assert grid.getpixel((3 * 10 + 9, 5 * 10)) == tiles[0].getpixel((3, 5))  # the block of pixel (3, 5)
+    assert grid.getpixel((204 + 19 * 10, 9 * 10 + 9)) == tiles[1].getpixel((19, 9))
+    big = noise((256, 64))
+    assert make_grid([big]).size == (256, 64)  # already large enough: unchanged
+
+
+def test_make_grid_wraps_long_labels_instead_of_cutting_them():
+    from incontext_diffusion.core.images import _font, wrap_label
+
+    font = _font()
+    lines = wrap_label("example source image with a long caption", 100, font)
+    assert len(lines) > 1 and " ".join(lines) == "example source image with a long caption"
+    assert all(font.getlength(line) <= 100 for line in lines)
+    assert "".join(wrap_label("abcdefghijklmnopqrstuvwxyz" * 3, 60, font)) == "abcdefghijklmnopqrstuvwxyz" * 3
+    tiles = [Image.new("RGB", (64, 64), RED) for _ in range(2)]
+    one_line = make_grid(tiles, column_labels=["a", "b"])
+    wrapped = make_grid(tiles, column_labels=["a", "a caption far too long for one line of a 192 px cell"])
+    assert wrapped.height > one_line.height and wrapped.width == one_line.width == 2 * 192 + 4
+    with pytest.raises(ValueError, match="column labels"):
+        make_grid(tiles, column_labels=["only one"])
+
+
+def test_make_grid_row_labels_sit_left_of_the_rows():
+    tiles = [[Image.new("RGB", (64, 64), RED)], [Image.new("RGB", (64, 64), RED)]]
+    plain = make_grid(tiles)
+    labelled = make_grid(tiles, row_labels=["input", "output"])
+    assert labelled.height == plain.height and labelled.width > plain.width
+    assert labelled.getpixel((labelled.width - 1, 0)) == RED and labelled.getpixel((0, 0)) == WHITE
+
+
+def test_draw_boxes_draws_two_pixel_lines_at_the_enlarged_size():
+    from incontext_diffusion.core.images import draw_boxes
+
+    image = Image.new("RGB", (64, 64), (0, 0, 0))
+    drawn = draw_boxes(image, [[16, 16, 48, 48]], scores=[0.87], labels=["cube"])
+    assert drawn.size == (192, 192)  # 64 px enlarged by 3
+    colour = drawn.getpixel((48, 100))  # the left edge of the box, x0 = 16 * 3 = 48
+    assert colour != (0, 0, 0) and drawn.getpixel((49, 100)) == colour  # at least 2 px wide
+    assert drawn.getpixel((50, 100)) == (0, 0, 0) and drawn.getpixel((100, 100)) == (0, 0, 0)  # inside stays
+    assert drawn.getpixel((143, 100)) == colour  # right edge: x1 * 3 - 1
+    assert image.getpixel((16, 16)) == (0, 0, 0)  # the input is not drawn on
+    with pytest.raises(ValueError, match="scores"):
+        draw_boxes(image, [[0, 0, 4, 4]], scores=[0.1, 0.2])
+
+
+def test_overlay_mask_blends_the_colour_where_the_mask_is():
+    from incontext_diffusion.core.images import overlay_mask
+
+    image = Image.new("RGB", (4, 2), (100, 100, 100))
+    mask = np.zeros((2, 4))
+    mask[0, 1] = 1.0
+    mask[1, 2] = 0.5
+    out = overlay_mask(image, mask, colour=(255, 0, 0), alpha=0.25)
+    assert out.getpixel((0, 0)) == (100, 100, 100)
+    assert out.getpixel((1, 0)) == (139, 75, 75)  # 0.75 * 100 + 0.25 * 255 = 138.75; 0.75 * 100 = 75
+    assert out.getpixel((2, 1)) == (119, 88, 88)  # weight 0.125: 87.5 + 31.875 = 119.375; 87.5 -> 88
+    small = overlay_mask(Image.new("RGB", (4, 4), (0, 0, 0)), np.ones((2, 2), bool), colour=(0, 200, 0), alpha=1.0)
+    assert small.getpixel((3, 3)) == (0, 200, 0)  # a smaller mask is resized to the image
+    with pytest.raises(ValueError, match="alpha"):
+        overlay_mask(image, mask, alpha=2.0)
+
+
+def test_save_image_refuses_an_existing_file_unless_overwrite(tmp_path):
+    target = tmp_path / "out.png"
+    save_image(Image.new("RGB", (2, 2), RED), target)
+    with pytest.raises(UserError, match="already exists: pass --overwrite"):
+        save_image(Image.new("RGB", (2, 2), WHITE), target)
+    assert pixel(load_rgb(target)) == RED
+    save_image(Image.new("RGB", (2, 2), WHITE), target, overwrite=True)
+    assert pixel(load_rgb(target)) == WHITE
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(UserError, match="a_file"):
+        save_image(Image.new("RGB", (2, 2), RED), tmp_path / "a_file" / "out.png")
 
 
 def test_list_images(tmp_path):

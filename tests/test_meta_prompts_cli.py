@@ -188,8 +188,10 @@ def test_infer_and_eval_use_the_same_exported_defaults(tmp_path, backbone, monke
     assert runner.invoke(app, ["eval", "--model", str(out_dir), "--num-samples", "1", "--out", str(tmp_path / "e")]).exit_code == 0
     assert calls == [{"processing_resolution": 48, "tta": True}] * 2
     calls.clear()
-    runner.invoke(app, ["infer", "--model", str(out_dir), "--image", str(tmp_path / "a.png"), "--out", str(tmp_path / "p"), "--no-tta", "--processing-resolution", "32"])
-    runner.invoke(app, ["eval", "--model", str(out_dir), "--num-samples", "1", "--out", str(tmp_path / "e"), "--protocol", "fast"])
+    # the same outputs again: replacing them needs --overwrite
+    assert runner.invoke(app, ["infer", "--model", str(out_dir), "--image", str(tmp_path / "a.png"), "--out", str(tmp_path / "p"), "--no-tta",
+                               "--processing-resolution", "32", "--overwrite"]).exit_code == 0
+    assert runner.invoke(app, ["eval", "--model", str(out_dir), "--num-samples", "1", "--out", str(tmp_path / "e"), "--protocol", "fast", "--overwrite"]).exit_code == 0
     assert calls == [{"processing_resolution": 32, "tta": False}, {"processing_resolution": 48, "tta": False}]
     assert json.loads((tmp_path / "e" / "results.json").read_text())["protocol"] == "fast"
 

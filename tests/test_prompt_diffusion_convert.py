@@ -82,3 +82,19 @@ def test_cli_converter_writes_a_loadable_pipeline_and_refuses_pickles(micro, tmp
         load_state_dict(tmp_path / "pickled.ckpt")
     with pytest.raises(UserError, match="already exists"):
         convert_checkpoint(tmp_path / "plain.ckpt", tmp_path / "model", config=str(base_dir))
+
+
+def test_icd_convert_sets_the_conditioning_range(micro, tmp_path, monkeypatch, capsys):
+    from cli_helpers import run_icd
+
+    components, base_dir = micro
+    state, _ = ldm_checkpoint(components, random_controlnet(components.unet))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "weights.safetensors"))
+    code, _, err = run_icd(monkeypatch, capsys, "convert", "prompt-diffusion", str(tmp_path / "weights.safetensors"), str(tmp_path / "port"),
+                           "--config", str(base_dir), "--conditioning-range", "[0,1]")
+    assert code == 0, err
+    assert load_pipeline(tmp_path / "port").config.conditioning_range == "[0, 1]"
+    code, _, err = run_icd(monkeypatch, capsys, "convert", "prompt-diffusion", str(tmp_path / "weights.safetensors"), str(tmp_path / "bad"),
+                           "--config", str(base_dir), "--conditioning-range", "0..1")
+    assert code == 2 and "--conditioning-range '0..1' is not known" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "bad").exists()

@@ -39,7 +39,7 @@ class NoOptions(BaseModel):
 
 
 # `data:` keys the trainer itself reads, whatever the head.
-TRAINER_DATA_KEYS = frozenset({"num_workers", "cache"})
+TRAINER_DATA_KEYS = frozenset({"num_workers", "cache", "shards"})
 
 
 class Head:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
-from incontext_diffusion.errors import UserError
+from incontext_diffusion.errors import UserError, user_os_error
 
 # Default pixel limit against decompression bombs: a small file can claim a huge canvas and
 # exhaust memory when decoded. 64 MP is well above any training or inference size we use.
@@ -191,7 +191,7 @@ def depth_to_uint16(depth_m: np.ndarray, scale: float = 1000.0) -> np.ndarray:
     return np.clip(values, 0, 65535).astype(np.uint16)
 
 
-def save_depth_png(path: PathLike, depth_m: np.ndarray, scale: float = 1000.0) -> None:
+def save_depth_png(path: PathLike, depth_m: np.ndarray, scale: float = 1000.0, *, overwrite: bool = False) -> None:
     """Save HxW depth in metres as a 16-bit PNG of round(depth * scale), clipped to 0..65535.
 
     Non-finite or negative depths are written as 0 (invalid). The write is atomic.
@@ -201,14 +201,63 @@ def save_depth_png(path: PathLike, depth_m: np.ndarray, scale: float = 1000.0) -
     depth = np.asarray(depth_m, dtype=np.float64)
     if depth.ndim != 2:
         raise ValueError(f"save_depth_png expects an HxW array, got shape {depth.shape}")
-    save_image(Image.fromarray(depth_to_uint16(depth, scale)), path)
+    save_image(Image.fromarray(depth_to_uint16(depth, scale)), path, overwrite=overwrite)
 
 
-def save_image(image: Image.Image, path: PathLike) -> None:
+def check_output_path(path: PathLike, *, overwrite: bool = False, what: str = "output") -> Path:
+    """Refuse an output path that cannot be written, before any long work starts.
+
+    An existing file is refused unless `overwrite` (the toolkit never replaces a result silently);
+    a path under a file, or in a folder that cannot be created or written, is refused too.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} '{path}' is a folder: name a file, e.g. '{path / 'out.png'}'")
+    if path.exists() and not overwrite:
+        raise UserError(f"{what} '{path}' already exists: pass --overwrite to replace it, or choose another path")
+    check_output_folder(path.parent, what=what)
+    return path
+
+
+def check_output_folder(folder: PathLike, *, what: str = "output") -> Path:
+    """The folder exists or can be made, and can be written (checked before long work starts)."""
+    folder = Path(folder)
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), Path.cwd())  # what mkdir would start from
+    if existing.exists() and not existing.is_dir():
+        raise UserError(f"{what} folder '{folder}': '{existing}' is a file, not a folder: choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{what} folder '{folder}' cannot be written (no permission on '{existing}'): choose a folder you can write to")
+    return folder
+
+
+def check_output_target(path: PathLike, *, overwrite: bool = False) -> Path:
+    """`--out` of `icd infer`: a file when it has an extension (checked as by `check_output_path`), else a folder."""
+    path = Path(path)
+    return check_output_path(path, overwrite=overwrite, what="--out") if path.suffix else check_output_folder(path, what="--out")
+
+
+def write_text_atomic(path: PathLike, text: str) -> None:
+    """Write a small text file (results, state) through a temp file and a rename; OSErrors name the path."""
+    path = Path(path)
+    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp.write_text(text)
+        os.replace(temp, path)
+    except OSError as error:
+        raise user_os_error(error, path) from None
+    finally:
+        if temp.exists():
+            temp.unlink()
+
+
+def save_image(image: Image.Image, path: PathLike, *, overwrite: bool = False) -> None:
     """Save atomically: write a hidden temp file in the same folder, then rename it over `path`.
 
-    A crash or error mid-write never leaves a half-written file at `path`. The format follows the
-    extension; missing parent folders are created.
+    A crash or error mid-write never leaves a half-written file at `path`. An existing `path` is
+    refused unless `overwrite` (the CLI's --overwrite). The format follows the extension; missing
+    parent folders are created. File-system failures (full disk, permissions, a file where a folder
+    should be) are one-line `UserError`s naming the path.
     """
     path = Path(path)
     image_format = Image.registered_extensions().get(path.suffix.lower())
@@ -216,18 +265,23 @@ def save_image(image: Image.Image, path: PathLike) -> None:
         raise UserError(
             f"cannot save '{path}': unknown image extension '{path.suffix}'; use .png or .jpg"
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not overwrite:
+        raise UserError(f"'{path}' already exists: pass --overwrite to replace it, or choose another path")
     # Same folder, so os.replace is a rename on one file system; the leading dot hides it from
     # list_images. open(..., "xb") keeps the usual permissions (unlike mkstemp's 0600).
     temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(temp, "xb") as file:
             image.save(file, format=image_format)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temp, path)
+    except OSError as error:
+        raise user_os_error(error, path) from None
     finally:
-        temp.unlink(missing_ok=True)
+        if temp.exists():
+            temp.unlink()
 
 
 def to_tensor(image: Image.Image, value_range: tuple[float, float] = (-1.0, 1.0)) -> torch.Tensor:
@@ -263,17 +317,75 @@ def to_pil(
     return Image.fromarray(array)
 
 
+# Pictures a person reads: small cells are enlarged (nearest neighbour, so pixels stay pixels) until
+# their longer side is at least this, and labels are drawn at a size that stays legible there.
+MIN_CELL_SIDE = 192
+LABEL_FONT_SIZE = 14
+BOX_COLOURS = ((255, 40, 40), (40, 200, 40), (40, 120, 255), (255, 200, 0), (220, 60, 220), (0, 210, 210))
+
+
+def upscale_factor(width: int, height: int, min_side: int = MIN_CELL_SIDE) -> int:
+    """The smallest whole factor that brings the longer side to `min_side` (1 if it is already there)."""
+    return max(1, -(-min_side // max(width, height)))
+
+
+def upscale(image: Image.Image, factor: int) -> Image.Image:
+    """Nearest-neighbour enlargement by a whole factor: each pixel becomes a factor x factor block."""
+    if factor == 1:
+        return image
+    return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
+
+
+def _font(size: int = LABEL_FONT_SIZE) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=size)
+
+
+def wrap_label(text: str, width: int, font) -> list[str]:
+    """`text` in lines no wider than `width` pixels: broken at spaces, long words at characters."""
+    lines: list[str] = []
+    for word in text.split():
+        candidate = f"{lines[-1]} {word}" if lines else word
+        if lines and font.getlength(candidate) <= width:
+            lines[-1] = candidate
+            continue
+        while font.getlength(word) > width and len(word) > 1:  # a word wider than the cell: cut it
+            cut = len(word) - 1
+            while cut > 1 and font.getlength(word[:cut]) > width:
+                cut -= 1
+            lines.append(word[:cut])
+            word = word[cut:]
+        lines.append(word)
+    return lines or [""]
+
+
+def _label_block(lines: list[str], width: int, height: int, font, line_height: int) -> Image.Image:
+    block = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(block)
+    for i, line in enumerate(lines):
+        x = max(0, (width - font.getlength(line)) / 2)  # centred over the cell
+        draw.text((x, 2 + i * line_height), line, fill="black", font=font)
+    return block
+
+
 def make_grid(
     images: list[Image.Image] | list[list[Image.Image]],
     labels: list[str] | None = None,
     ncols: int | None = None,
     gap: int = 4,
+    *,
+    column_labels: list[str] | None = None,
+    row_labels: list[str] | None = None,
+    min_cell: int = MIN_CELL_SIDE,
 ) -> Image.Image:
-    """Lay images out in a white RGB grid, each with an optional label strip above it.
+    """Lay images out in a white RGB grid a person can read.
 
     `images` is a flat list (split into rows of `ncols`, default one row) or a list of rows.
-    `labels` has one entry per image in reading order; long labels are cut at the cell edge.
-    Cells are the size of the largest image; smaller images are centred.
+    Cells are the size of the largest image; smaller images are centred. Small cells are enlarged
+    by a whole factor (nearest neighbour) until their longer side is at least `min_cell` (pass 0 to
+    keep the pixels' size). Labels are wrapped to the cell width, never cut:
+    - `labels`: one per image in reading order, above each image;
+    - `column_labels`: one per column, once above the first row;
+    - `row_labels`: one per row, in a strip to the left.
     """
     if images and isinstance(images[0], list):
         if ncols is not None:
@@ -285,29 +397,114 @@ def make_grid(
     flat = [image for row in rows for image in row]
     if not flat:
         raise ValueError("make_grid needs at least one image")
+    ncols = max(len(row) for row in rows)
     if labels is not None and len(labels) != len(flat):
         raise ValueError(f"make_grid got {len(labels)} labels for {len(flat)} images")
+    if column_labels is not None and len(column_labels) != ncols:
+        raise ValueError(f"make_grid got {len(column_labels)} column labels for {ncols} columns")
+    if row_labels is not None and len(row_labels) != len(rows):
+        raise ValueError(f"make_grid got {len(row_labels)} row labels for {len(rows)} rows")
 
+    factor = upscale_factor(max(i.width for i in flat), max(i.height for i in flat), min_cell) if min_cell else 1
+    flat = [upscale(load_rgb(image), factor) for image in flat]
     cell_w = max(image.width for image in flat)
     cell_h = max(image.height for image in flat)
-    font = ImageFont.load_default()
-    label_h = font.getbbox("Ag")[3] + 4 if labels is not None else 0
-    ncols = max(len(row) for row in rows)
-    width = ncols * cell_w + (ncols - 1) * gap
-    height = len(rows) * (label_h + cell_h) + (len(rows) - 1) * gap
+    font = _font()
+    line_height = font.getbbox("Ag")[3] + 2
+
+    def lines_of(texts: list[str] | None, width: int) -> list[list[str]]:
+        return [wrap_label(text, width - 4, font) for text in texts] if texts is not None else []
+
+    def block_height(wrapped: list[list[str]]) -> int:
+        return max(len(lines) for lines in wrapped) * line_height + 4 if wrapped else 0
+
+    cell_lines = lines_of(labels, cell_w)
+    column_lines = lines_of(column_labels, cell_w)
+    label_h, header_h = block_height(cell_lines), block_height(column_lines)
+    # The row-label strip is as wide as its longest word, at most one cell.
+    row_w = min(cell_w, max(int(font.getlength(w)) for t in row_labels for w in t.split() or [""]) + 8) if row_labels else 0
+    row_lines = lines_of(row_labels, row_w)
+    left = row_w + gap if row_labels else 0
+    top = header_h + gap if column_labels else 0
+    width = left + ncols * cell_w + (ncols - 1) * gap
+    height = top + len(rows) * (label_h + cell_h) + (len(rows) - 1) * gap
     grid = Image.new("RGB", (width, height), "white")
+    for c, lines in enumerate(column_lines):
+        grid.paste(_label_block(lines, cell_w, header_h, font, line_height), (left + c * (cell_w + gap), 0))
     index = 0
     for r, row in enumerate(rows):
-        for c, image in enumerate(row):
-            # Draw each cell on its own canvas so a long label is clipped at the cell edge.
-            cell = Image.new("RGB", (cell_w, label_h + cell_h), "white")
+        y = top + r * (label_h + cell_h + gap)
+        if row_labels:
+            strip = _label_block(row_lines[r], row_w, len(row_lines[r]) * line_height + 4, font, line_height)
+            grid.paste(strip, (0, y + label_h + (cell_h - strip.height) // 2))
+        for c in range(len(row)):
+            image, x = flat[index], left + c * (cell_w + gap)
             if labels is not None:
-                ImageDraw.Draw(cell).text((2, 1), labels[index], fill="black", font=font)
-            offset = ((cell_w - image.width) // 2, label_h + (cell_h - image.height) // 2)
-            cell.paste(load_rgb(image), offset)
-            grid.paste(cell, (c * (cell_w + gap), r * (label_h + cell_h + gap)))
+                grid.paste(_label_block(cell_lines[index], cell_w, label_h, font, line_height), (x, y))
+            grid.paste(image, (x + (cell_w - image.width) // 2, y + label_h + (cell_h - image.height) // 2))
             index += 1
     return grid
+
+
+def draw_boxes(
+    image: Image.Image,
+    boxes_xyxy,
+    scores=None,
+    labels: list[str] | None = None,
+    *,
+    min_side: int = MIN_CELL_SIDE,
+    width: int | None = None,
+) -> Image.Image:
+    """A copy of `image` (RGB, enlarged like a grid cell) with each box drawn and captioned.
+
+    `boxes_xyxy` are (x0, y0, x1, y1) in the input image's pixels (a list, array or tensor);
+    the caption is the box's label and its score with two decimals. Lines are at least 2 px wide.
+    """
+    factor = upscale_factor(image.width, image.height, min_side) if min_side else 1
+    canvas = upscale(load_rgb(image), factor).copy()
+    boxes = np.asarray(boxes_xyxy.tolist() if hasattr(boxes_xyxy, "tolist") else boxes_xyxy, dtype=np.float64).reshape(-1, 4)
+    score_list = [] if scores is None else np.asarray(scores.tolist() if hasattr(scores, "tolist") else scores, dtype=np.float64).reshape(-1).tolist()
+    if scores is not None and len(score_list) != len(boxes):
+        raise ValueError(f"draw_boxes got {len(score_list)} scores for {len(boxes)} boxes")
+    if labels is not None and len(labels) != len(boxes):
+        raise ValueError(f"draw_boxes got {len(labels)} labels for {len(boxes)} boxes")
+    line = width or max(2, round(max(canvas.size) / 128))
+    draw = ImageDraw.Draw(canvas)
+    font = _font()
+    for i, box in enumerate(boxes):
+        colour = BOX_COLOURS[i % len(BOX_COLOURS)]
+        x0, y0, x1, y1 = (float(v) * factor for v in box)
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=colour, width=line)
+        caption = " ".join(part for part in (labels[i] if labels else "", f"{score_list[i]:.2f}" if score_list else "") if part)
+        if caption:
+            left, top, right, bottom = draw.textbbox((0, 0), caption, font=font)
+            text_y = y0 - (bottom - top) - 4 if y0 - (bottom - top) - 4 >= 0 else y0 + line  # above the box, or inside at the top
+            draw.rectangle((x0, text_y, x0 + right + 4, text_y + bottom + 2), fill=colour)
+            draw.text((x0 + 2, text_y), caption, fill="black", font=font)
+    return canvas
+
+
+def overlay_mask(image: Image.Image, mask, colour: tuple[int, int, int] = (255, 40, 40), alpha: float = 0.5) -> Image.Image:
+    """`image` (RGB) with `mask` laid over it: pixel = (1 - alpha * m) * image + alpha * m * colour.
+
+    `mask` is HxW, boolean or in 0..1 (a soft mask blends in proportion), as an array, tensor or
+    "L"/"1" image; a mask of another size is resized with NEAREST to the image.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"overlay_mask: alpha must be in 0..1, got {alpha}")
+    rgb = load_rgb(image)
+    if isinstance(mask, Image.Image):
+        values = np.asarray(mask.convert("L"), dtype=np.float64) / 255.0
+    else:
+        values = np.asarray(mask.detach().cpu().float().numpy() if isinstance(mask, torch.Tensor) else mask, dtype=np.float64)
+    values = np.squeeze(values)
+    if values.ndim != 2:
+        raise ValueError(f"overlay_mask expects an HxW mask, got shape {values.shape}")
+    if values.shape != (rgb.height, rgb.width):
+        values = np.asarray(Image.fromarray(values.astype(np.float32), mode="F").resize(rgb.size, Image.Resampling.NEAREST))
+    weight = alpha * np.clip(values, 0.0, 1.0)[:, :, None]  # HxWx1
+    blended = (1.0 - weight) * np.asarray(rgb, dtype=np.float64) + weight * np.asarray(colour, dtype=np.float64)
+    return Image.fromarray(np.round(blended).astype(np.uint8))
 
 
 def expand_image_inputs(items: list[PathLike]) -> list[Path]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration, gather_object, set_seed
 from diffusers import ModelMixin
 from diffusers.models.attention_processor import AttnProcessor
 from diffusers.optimization import get_scheduler
@@ -24,9 +24,11 @@ from diffusers.training_utils import EMAModel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .cache import load_cache
+from .shards import ShardStream
 from ..errors import UserError
-from .checkpoints import atomic_export, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint, write_model_card
+from .checkpoints import RunLock, atomic_export, clean_stale_temps, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint, write_model_card
 from .head import Head
+from .images import save_image
 
 MAX_SKIPPED_IN_A_ROW = 10  # with train.on_nan=skip: a run that only produces NaN stops anyway
 
@@ -116,7 +118,12 @@ def train(head: Head, resume: str | None = None) -> Path:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=head.has_unused_parameters)],
     )
-    checkpoint = resolve_resume(run_dir, resume) if resume else None
+    # One training per run folder; what a killed run left half-written goes once the folder is ours.
+    lock = RunLock(run_dir).acquire() if accelerator.is_main_process else None
+    if lock is not None:
+        clean_stale_temps(run_dir)
+    accelerator.wait_for_everyone()
+    checkpoint = resolve_resume(run_dir, resume, say=accelerator.print) if resume else None
     if checkpoint is None and list_checkpoints(run_dir):
         raise UserError(f"{run_dir} already holds checkpoints: pass --resume latest, or another output_dir (--set output_dir=...)")
     set_seed(recipe.seed)
@@ -139,18 +146,22 @@ def train(head: Head, resume: str | None = None) -> Path:
             num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
             num_training_steps=cfg.max_steps * accelerator.num_processes,
         )
-    dataset = load_cache(recipe.data.cache, head) if recipe.data.cache else head.train_dataset()
-    if len(dataset) < cfg.batch_size * accelerator.num_processes:
-        raise UserError(f"the dataset has {len(dataset)} samples, fewer than one batch ({cfg.batch_size}): lower train.batch_size or add data")
-    dataloader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=cfg.batch_size,
-        shuffle=True,
-        drop_last=True,
-        collate_fn=head.collate,
-        num_workers=recipe.data.num_workers,
-        generator=torch.Generator().manual_seed(recipe.seed),
-    )
+    if recipe.data.shards:
+        # Each process streams its own shards; prepare() passes the stream through (it is no DataLoader).
+        dataloader = ShardStream(recipe.data.shards, head, accelerator.process_index, accelerator.num_processes, accelerator.device)
+    else:
+        dataset = load_cache(recipe.data.cache, head) if recipe.data.cache else head.train_dataset()
+        if len(dataset) < cfg.batch_size * accelerator.num_processes:
+            raise UserError(f"the dataset has {len(dataset)} samples, fewer than one batch ({cfg.batch_size}): lower train.batch_size or add data")
+        dataloader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=cfg.batch_size,
+            shuffle=True,
+            drop_last=True,
+            collate_fn=head.collate,
+            num_workers=recipe.data.num_workers,
+            generator=torch.Generator().manual_seed(recipe.seed),
+        )
     model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     place_frozen(head.frozen(), accelerator.device, weight_dtype)
@@ -162,6 +173,8 @@ def train(head: Head, resume: str | None = None) -> Path:
     if checkpoint is not None:
         state = load_checkpoint(accelerator, checkpoint, ema)
         step, batches_seen = state["step"], state["batches_seen"]
+        if isinstance(dataloader, ShardStream):
+            dataloader.load_state_dict(state.get("data"))
         accelerator.print(f"resumed from {checkpoint} at step {step}")
     last_good = str(checkpoint) if checkpoint else None
 
@@ -169,8 +182,10 @@ def train(head: Head, resume: str | None = None) -> Path:
         accelerator.init_trackers(recipe.name, config={"recipe": recipe.name, "head": recipe.head, **cfg.model_dump()})
         (run_dir / "samples").mkdir(parents=True, exist_ok=True)
     metrics_file = run_dir / "metrics.jsonl"
-    batches_per_epoch = len(dataloader)
-    epoch, skip = divmod(batches_seen, batches_per_epoch)
+    if isinstance(dataloader, ShardStream):
+        epoch, skip = dataloader.epoch, 0  # the stream restored its own position
+    else:
+        epoch, skip = divmod(batches_seen, len(dataloader))
     window_is_bad, skipped_batches, skipped_in_a_row = False, 0, 0
     window_start, window_steps = time.perf_counter(), 0
     loss_sum = torch.zeros((), device=accelerator.device)
@@ -243,6 +258,8 @@ def train(head: Head, resume: str | None = None) -> Path:
                     run_validation(accelerator, head, model, step, run_dir)
                 if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
                     state = {"step": step, "batches_seen": batches_seen, "epoch": epoch}
+                    if isinstance(dataloader, ShardStream):
+                        state["data"] = gather_object([dataloader.state_dict()])  # one entry per process
                     last_good = str(save_checkpoint(accelerator, run_dir, step, state, ema, keep=cfg.keep_checkpoints))
                 if step >= cfg.max_steps:
                     break
@@ -264,6 +281,8 @@ def train(head: Head, resume: str | None = None) -> Path:
         if ema is not None:
             ema.restore(unwrapped.parameters())
     accelerator.end_training()
+    if lock is not None:
+        lock.release()
     return out_dir
 
 
@@ -279,7 +298,7 @@ def run_validation(accelerator: Accelerator, head: Head, model: torch.nn.Module,
     unwrapped.train()
     if picture is None:
         return
-    picture.save(run_dir / "samples" / f"step-{step:06d}.png")
+    save_image(picture, run_dir / "samples" / f"step-{step:06d}.png", overwrite=True)  # a resumed run redraws its step
     tracker = accelerator.get_tracker("tensorboard", unwrap=True)
     if hasattr(tracker, "add_image"):
         tracker.add_image("validation", np.asarray(picture.convert("RGB")), step, dataformats="HWC")

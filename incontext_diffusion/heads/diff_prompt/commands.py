@@ -4,25 +4,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 from ...errors import UserError
 
-DEFAULT_EVAL_SCENES = 100
-
-
-def draw_boxes(rgb, gt_boxes, pred_boxes):
-    """An RGB image (uint8 array) with normalised xyxy boxes: ground truth green, predictions red."""
-    from PIL import ImageDraw
-
-    from ...core.images import load_rgb
-
-    image = load_rgb(rgb)
-    draw = ImageDraw.Draw(image)
-    w, h = image.size
-    for boxes, colour in ((gt_boxes, (0, 200, 0)), (pred_boxes, (230, 30, 30))):
-        for x1, y1, x2, y2 in boxes:
-            draw.rectangle([x1 * w, y1 * h, max(x2 * w - 1, x1 * w), max(y2 * h - 1, y1 * h)], outline=colour)
-    return image
+DEFAULT_BATCH = 32
 
 
 def _mask_picture(mask):
@@ -31,77 +17,104 @@ def _mask_picture(mask):
     return to_pil(mask.clamp(0, 1), value_range=(0, 1))
 
 
-def _load_image(path: Path, size: int):
-    import numpy as np
+def _inputs(options, kind: str) -> list[Path]:
+    from ...core.images import expand_image_inputs
 
-    from ...core.images import load_rgb
-    from .head import image_tensor
-
-    rgb = np.asarray(load_rgb(path))
-    return rgb, image_tensor(np.asarray(load_rgb(path, size=size)))[None]
-
-
-def _only_image(options) -> Path:
-    if len(options.images) != 1:
-        raise UserError("pass exactly one --image IMG (and --text \"the small red cube\")")
+    images = expand_image_inputs(options.images)
+    if not images:
+        raise UserError(f"pass --image IMG (a file, a folder or a glob) and --text \"the small red cube\" for a {kind} model")
     if not options.prompt:
         raise UserError("pass the referring expression with --text \"the small red cube\"")
-    return options.images[0]
+    return images
 
 
-def _model_size(model: Path, default: int = 64) -> int:
-    index = json.loads((model / "model_index.json").read_text())
-    return index.get("image_size") or index.get("mask_size") or default
+def _output_paths(options, images: list[Path], default_name: str) -> list[Path]:
+    """One PNG per image: --out itself for a single image and a .png --out, else FOLDER/<image stem>.png."""
+    if len(images) == 1 and (options.out is None or options.out.suffix.lower() == ".png"):
+        return [options.out or Path("outputs") / f"{default_name}.png"]
+    folder = options.out or Path("outputs") / "infer"
+    if folder.suffix:
+        raise UserError(f"--out {folder} is a file but {len(images)} images were given: pass a folder for --out")
+    return [folder / f"{image.stem}.png" for image in images]
+
+
+def _chunks(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _pipeline(cls, options):
+    pipe = cls.from_pretrained(options.model)
+    if options.device:
+        pipe.to(options.device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def infer_grounding(options) -> None:
-    """Boxes with scores as JSON, a PNG with the top box, and with --grid the generated mask and trajectory strip."""
+    """Per image: boxes with scores (JSON, in the image's pixels), a PNG with the top box, and with --grid the
+    generated mask (at the image's size) and the trajectory strip."""
     import torch
 
-    from ...core.images import make_grid, save_image
-    from .pipeline import GroundingPipeline
+    from ...core.images import load_rgb, make_grid, save_image
+    from ...core.model_folder import read_model_folder
+    from .head import draw_boxes
+    from .pipeline import DiffPromptGroundingPipeline
 
-    options.out = options.out or Path("outputs/infer.png")
-    image_path = _only_image(options)
-    pipe = GroundingPipeline.from_pretrained(options.model)
-    size = pipe.host.preprocess(torch.zeros(1, 3, 8, 8)).shape[-1]
-    rgb, image = _load_image(image_path, size)
-    out = pipe(image, [options.prompt], torch.Generator().manual_seed(options.seed), top_k=5)
-    h, w = rgb.shape[:2]
-    boxes = [[round(v, 2) for v in (b[0] * w, b[1] * h, b[2] * w, b[3] * h)] for b in out.boxes[0].tolist()]
-    result = {"text": options.prompt, "image": str(image_path), "boxes_xyxy": boxes, "scores": [round(s, 4) for s in out.scores[0].tolist()]}
-    png = options.out if options.out.suffix.lower() == ".png" else options.out / "grounding.png"
-    save_image(draw_boxes(rgb, [], out.boxes[0, :1].tolist()), png)
-    png.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    written = [png, png.with_suffix(".json")]
-    if out.masks is not None and options.grid:
-        save_image(_mask_picture(out.masks[0]), png.with_name(png.stem + "_mask.png"))
-        strip = make_grid([_mask_picture(m[0]) for m in out.trajectory_masks], labels=[f"layer {i}" for i in range(len(out.trajectory_masks))], ncols=len(out.trajectory_masks))
-        save_image(strip, png.with_name(png.stem + "_trajectory.png"))
-        written += [png.with_name(png.stem + "_mask.png"), png.with_name(png.stem + "_trajectory.png")]
-    print(json.dumps(result, indent=2))
-    print("wrote " + ", ".join(str(p) for p in written))
+    diff_prompt = read_model_folder(options.model).index.get("method") == "diff_prompt"
+    options.refuse_unused({"images", "prompt", "out", "batch_size", "device"} | ({"steps", "grid"} if diff_prompt else set()), "Diff-Prompt grounding")
+    images = _inputs(options, "grounding")
+    outputs = _output_paths(options, images, "grounding")
+    pipe = _pipeline(DiffPromptGroundingPipeline, options)
+    generator = torch.Generator().manual_seed(options.seed)
+    written = []
+    for chunk in _chunks(list(zip(images, outputs)), options.batch_size or DEFAULT_BATCH):
+        out = pipe([image for image, _ in chunk], [options.prompt] * len(chunk), generator, top_k=5, num_inference_steps=options.steps)
+        for i, (image, png) in enumerate(chunk):
+            boxes = [[round(v, 2) for v in box] for box in out.boxes[i].tolist()]
+            result = {"text": options.prompt, "image": str(image), "boxes_xyxy": boxes, "scores": [round(v, 4) for v in out.scores[i].tolist()]}
+            save_image(draw_boxes(load_rgb(image), [], boxes[:1]), png, overwrite=options.overwrite)
+            png.with_suffix(".json").write_text(json.dumps(result, indent=2))
+            written += [png, png.with_suffix(".json")]
+            if options.grid and out.masks is not None:
+                strip = make_grid([_mask_picture(m[i]) for m in out.trajectory_masks], labels=[f"layer {k}" for k in range(len(out.trajectory_masks))],
+                                  ncols=len(out.trajectory_masks))
+                save_image(_mask_picture(out.masks[i]), png.with_name(png.stem + "_mask.png"), overwrite=options.overwrite)
+                save_image(strip, png.with_name(png.stem + "_trajectory.png"), overwrite=options.overwrite)
+                written += [png.with_name(png.stem + "_mask.png"), png.with_name(png.stem + "_trajectory.png")]
+            if len(images) == 1:
+                print(json.dumps(result, indent=2))
+    print(f"wrote {len(written)} files: " + ", ".join(str(p) for p in written[:6]) + (" ..." if len(written) > 6 else ""))
 
 
 def infer_mask(options) -> None:
-    """Stage 2: the generated mask and the DDIM trajectory strip for an image and an expression."""
+    """Stage 2, per image: the generated mask at the image's size and the DDIM trajectory strip."""
     import torch
 
     from ...core.images import make_grid, save_image
-    from .pipeline import MaskGenerationPipeline
+    from .pipeline import DiffPromptMaskPipeline
 
-    options.out = options.out or Path("outputs/infer.png")
-    image_path = _only_image(options)
-    pipe = MaskGenerationPipeline.from_pretrained(options.model)
-    _, image = _load_image(image_path, _model_size(options.model))
-    steps = options.steps or 25
-    out = pipe(image, [options.prompt], steps, torch.Generator().manual_seed(options.seed))
-    png = options.out if options.out.suffix.lower() == ".png" else options.out / "mask.png"
-    save_image(_mask_picture(out.masks[0]), png)
+    options.refuse_unused({"images", "prompt", "out", "steps", "batch_size", "device"}, "Diff-Prompt mask generation")
+    images = _inputs(options, "mask generation")
+    outputs = _output_paths(options, images, "mask")
+    pipe = _pipeline(DiffPromptMaskPipeline, options)
+    steps = options.steps or pipe.config.ddim_steps
+    generator = torch.Generator().manual_seed(options.seed)
     shown = list(range(0, steps, max(steps // 8, 1)))[:8] + [steps - 1]
-    strip = make_grid([_mask_picture(pipe.mask_vae.decode(out.trajectory[i]).sample[0]) for i in shown], labels=[f"step {i + 1}" for i in shown], ncols=len(shown))
-    save_image(strip, png.with_name(png.stem + "_trajectory.png"))
-    print(f"wrote {png} and {png.with_name(png.stem + '_trajectory.png')}")
+    written = []
+    for chunk in _chunks(list(zip(images, outputs)), options.batch_size or DEFAULT_BATCH):
+        out = pipe([image for image, _ in chunk], [options.prompt] * len(chunk), steps, generator, output_type="pil")
+        for i, (_, png) in enumerate(chunk):
+            save_image(out.masks[i], png, overwrite=options.overwrite)
+            decoded = [pipe.mask_vae.decode(out.trajectory[k][i:i + 1]).sample[0] for k in shown]
+            save_image(make_grid([_mask_picture(m) for m in decoded], labels=[f"step {k + 1}" for k in shown], ncols=len(shown)), png.with_name(png.stem + "_trajectory.png"), overwrite=options.overwrite)
+            written += [png, png.with_name(png.stem + "_trajectory.png")]
+    print(f"wrote {len(written)} files: " + ", ".join(str(p) for p in written[:6]) + (" ..." if len(written) > 6 else ""))
+
+
+def eval_samples_size(pipe) -> int:
+    """The side the held-out samples are rendered at: the host's input (grounding) or the mask size (stage 2)."""
+    return pipe.host.image_size if hasattr(pipe, "host") else pipe.mask_size
 
 
 def _eval_splits(options, size: int):
@@ -114,80 +127,144 @@ def _eval_splits(options, size: int):
     return {s: load_refexp("refcoco", str(options.data), s, size) for s in splits}
 
 
-def _batches(samples, batch_size: int = 32):
+def _batches(samples, batch_size: int):
     from .head import _as_batch
 
     for start in range(0, len(samples), batch_size):
         yield _as_batch([samples[i] for i in range(start, min(start + batch_size, len(samples)))])
 
 
+def _meter(pipe, options):
+    from ...metrics.speed import SpeedMeter
+
+    return SpeedMeter(pipe.device, pipe.dtype, options.batch_size or DEFAULT_BATCH)
+
+
 def eval_grounding(options) -> dict:
-    """R@1 / R@5 / UB (GIoU >= 0.5, official) and the same with IoU, per split."""
+    """R@1 / R@5 / UB (GIoU >= 0.5, official) and the same with IoU, per split; DDIM steps default to the exported ddim_steps."""
     import torch
 
     from ...metrics.grounding import GroundingRecall
-    from .pipeline import GroundingPipeline
+    from .pipeline import DiffPromptGroundingPipeline
 
-    pipe = GroundingPipeline.from_pretrained(options.model)
-    size = pipe.host.preprocess(torch.zeros(1, 3, 8, 8)).shape[-1]
+    pipe = _pipeline(DiffPromptGroundingPipeline, options)
+    meter = _meter(pipe, options)
     generator = torch.Generator().manual_seed(options.seed)
-    results: dict = {"method": pipe.prompts.method}
-    for split, samples in _eval_splits(options, size).items():
+    results: dict = {"method": pipe.prompts.method, "ddim_steps": options.steps or pipe.config.ddim_steps}
+    for split, samples in _eval_splits(options, eval_samples_size(pipe)).items():
         metric = GroundingRecall()
-        for batch in _batches(samples):
-            out = pipe(batch["images"], batch["texts"], generator, top_k=None)
+        for batch in _batches(samples, options.batch_size or DEFAULT_BATCH):
+            with meter.timed(len(batch["texts"])):
+                out = pipe(batch["images"], batch["texts"], generator, top_k=None, num_inference_steps=options.steps)
+            size = batch["images"].shape[-1]
             for boxes, scores, gt in zip(out.boxes, out.scores, batch["boxes"]):
-                metric.update(boxes, gt, scores)
+                metric.update(boxes / size, gt, scores)  # pixels -> normalised, like the ground truth
         results.update({f"{split} {k}": v for k, v in metric.compute().items()} | {f"{split} expressions": len(samples)})
-    return results
+    return results | meter.results()
 
 
 def eval_mask_generation(options) -> dict:
-    """IoU of the decoded, thresholded generated masks with the ground truth, per split."""
+    """IoU of the decoded, thresholded generated masks with the ground truth, per split; DDIM steps default to the exported ddim_steps."""
     import torch
 
     from ...metrics.grounding import mask_iou
-    from .pipeline import MaskGenerationPipeline
+    from .pipeline import DiffPromptMaskPipeline
 
-    pipe = MaskGenerationPipeline.from_pretrained(options.model)
+    pipe = _pipeline(DiffPromptMaskPipeline, options)
+    meter = _meter(pipe, options)
     generator = torch.Generator().manual_seed(options.seed)
-    results: dict = {}
-    for split, samples in _eval_splits(options, _model_size(options.model)).items():
+    steps = options.steps or pipe.config.ddim_steps
+    results: dict = {"ddim_steps": steps}
+    for split, samples in _eval_splits(options, eval_samples_size(pipe)).items():
         ious = []
-        for batch in _batches(samples):
-            masks = pipe(batch["images"], batch["texts"], options.steps or 25, generator).masks
-            ious += [mask_iou(m, g) for m, g in zip(masks, batch["masks"])]
+        for batch in _batches(samples, options.batch_size or DEFAULT_BATCH):
+            with meter.timed(len(batch["texts"])):
+                masks = pipe(batch["images"], batch["texts"], steps, generator).masks
+            ious += [mask_iou(m.cpu(), g) for m, g in zip(masks, batch["masks"])]
         results.update({f"{split} mask IoU": sum(ious) / max(len(ious), 1), f"{split} expressions": len(ious)})
-    return results
+    return results | meter.results()
 
 
 def eval_mask_vae(options) -> dict:
     """Reconstruction IoU of the Mask-VAE (posterior mean, threshold 0.5) on held-out masks."""
     from diffusers import AutoencoderKL
 
+    from ...core.model_folder import read_model_folder
     from ...metrics.grounding import mask_iou
+    from ...metrics.speed import SpeedMeter
     from .mask_vae import reconstruct
 
-    vae = AutoencoderKL.from_pretrained(str(options.model / "mask_vae")).eval()
+    folder = read_model_folder(options.model)
+    vae = AutoencoderKL.from_pretrained(str(folder.path / "mask_vae")).eval()
+    if options.device:
+        vae.to(options.device)
+    meter = SpeedMeter(vae.device, vae.dtype, options.batch_size or DEFAULT_BATCH)
     results: dict = {}
-    for split, samples in _eval_splits(options, _model_size(options.model)).items():
+    for split, samples in _eval_splits(options, folder.index.get("mask_size", 224)).items():
         ious = []
-        for batch in _batches(samples):
-            ious += [mask_iou(r, g) for r, g in zip(reconstruct(vae, batch["masks"]), batch["masks"])]
+        for batch in _batches(samples, options.batch_size or DEFAULT_BATCH):
+            with meter.timed(len(batch["masks"])):
+                reconstructions = reconstruct(vae, batch["masks"].to(vae.device)).cpu()
+            ious += [mask_iou(r, g) for r, g in zip(reconstructions, batch["masks"])]
         results.update({f"{split} reconstruction IoU": sum(ious) / max(len(ious), 1), f"{split} masks": len(ious)})
-    return results
+    return results | meter.results()
 
 
 def register(app, data_app, convert_app, infer: dict, evaluate: dict) -> None:
     import typer
 
-    infer["DiffPromptGroundingPipeline"] = infer_grounding
-    infer["GroundingHostPipeline"] = infer_grounding
+    infer["DiffPromptGroundingPipeline"] = infer_grounding  # the host alone and the host with prompts
     infer["DiffPromptMaskPipeline"] = infer_mask
     evaluate["DiffPromptGroundingPipeline"] = eval_grounding
-    evaluate["GroundingHostPipeline"] = eval_grounding
     evaluate["DiffPromptMaskPipeline"] = eval_mask_generation
     evaluate["DiffPromptMaskVAE"] = eval_mask_vae
+
+    @convert_app.command("diff-prompt-mask-vae")
+    def convert_mask_vae_command(
+        source: Path = typer.Argument(..., help="The released Mask-VAE: the oaaoaa/mask_vae folder, or the Lightning epoch=157-step=13113.ckpt."),
+        out: Path = typer.Argument(..., help="New stage-1 folder (mask_vae/, model_index.json)."),
+        mask_size: int = typer.Option(224, "--mask-size", help="Side of the masks it was trained on (224 for the released one)."),
+        trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a .ckpt that needs unpickling (runs code from the file)."),
+    ) -> None:
+        """Convert the released Diff-Prompt Mask-VAE into a stage-1 model folder."""
+        from .convert import convert_mask_vae, write_mask_vae_folder
+
+        print(f"wrote {write_mask_vae_folder(convert_mask_vae(source, trust_pickle), out, mask_size)}")
+
+    @convert_app.command("diff-prompt-dit")
+    def convert_dit_command(
+        source: Path = typer.Argument(..., help="The released DiT: the oaaoaa/mask_dit folder, or a DiT-main checkpoint such as 0094200.pt (EMA weights taken)."),
+        out: Path = typer.Argument(..., help="New stage-2 folder (mask_vae/ dit/ clip/ scheduler/)."),
+        mask_vae: Path = typer.Option(..., "--mask-vae", help="A stage-1 folder, e.g. the output of icd convert diff-prompt-mask-vae."),
+        clip: str = typer.Option("openai/clip-vit-base-patch32", "--clip", help="CLIP hub id or folder (projection width = the DiT's)."),
+        schedule: str = typer.Option("cosine", "--schedule", help="cosine (the official samplers) or linear (the official train.py)."),
+        num_heads: Optional[int] = typer.Option(None, "--num-heads", help="Attention heads, if the checkpoint has no config.json (DiT-My/2: 8)."),
+        trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a .pt that needs unpickling (the official train.py saves argparse args in it)."),
+    ) -> None:
+        """Convert the released Diff-Prompt DiT into a stage-2 model folder."""
+        from .convert import convert_dit, write_dit_folder
+
+        if schedule not in ("cosine", "linear"):
+            raise UserError(f"--schedule {schedule!r} is unknown: choose cosine or linear")
+        print(f"wrote {write_dit_folder(convert_dit(source, trust_pickle, num_heads), mask_vae, clip, out, schedule)}")
+
+    @app.command("diff-prompt-diagnose")
+    def diff_prompt_diagnose(
+        model: Path = typer.Option(..., "--model", help="A Diff-Prompt stage-3 model folder (method diff_prompt)."),
+        num_samples: int = typer.Option(100, "--num-samples", help="Held-out synthetic scenes (from seed 1,000,000)."),
+        seed: int = typer.Option(0, "--seed"),
+        out: Optional[Path] = typer.Option(None, "--out", help="Also write the table as JSON here."),
+    ) -> None:
+        """Where the gain is lost: host alone, the DiT's prompts, oracle prompts (true masks), and the DiT's mask as a box."""
+        from .diagnose import diagnose
+
+        table = diagnose(model, num_samples, seed)
+        for row, values in table.items():
+            print(f"{row:34s} " + "  ".join(f"{k} {v:.3f}" for k, v in values.items() if "R@" in k and "_iou" not in k))
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(table, indent=2))
+            print(f"wrote {out}")
 
     @data_app.command("refcoco-check")
     def refcoco_check(

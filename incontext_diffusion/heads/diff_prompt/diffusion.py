@@ -109,16 +109,19 @@ def diffusion_loss(scheduler: DDPMScheduler, model_output: torch.Tensor, x0: tor
 
 @torch.no_grad()
 def ddim_trajectory(dit, scheduler: DDIMScheduler, image_features: torch.Tensor, text_features: torch.Tensor, num_steps: int = 25,
-                    generator: torch.Generator | None = None, image_latents: torch.Tensor | None = None) -> list[torch.Tensor]:
-    """DDIM (eta = 0) from z_T ~ N(0, I); returns x_{t-1} after every step (the last one is the sample)."""
+                    generator: torch.Generator | None = None, image_latents: torch.Tensor | None = None, on_step=None) -> list[torch.Tensor]:
+    """DDIM (eta = 0) from z_T ~ N(0, I); returns x_{t-1} after every step (the last one is the sample).
+    `on_step(index, timestep, latents) -> latents`, if given, sees (and may replace) the latents after each step."""
     config = dit.config
     shape = (image_features.shape[0], config.in_channels, config.input_size, config.input_size)
     latents = torch.randn(shape, generator=generator, device="cpu").to(image_features.device, image_features.dtype)
     scheduler.set_timesteps(num_steps)
     trajectory = []
-    for t in scheduler.timesteps:
+    for index, t in enumerate(scheduler.timesteps):
         prediction = dit(latents, t.to(latents.device), image_features, text_features, image_latents)[:, : config.in_channels]
         latents = scheduler.step(prediction, t, latents, eta=0.0).prev_sample
+        if on_step is not None:
+            latents = on_step(index, t, latents)
         trajectory.append(latents)
     return trajectory
 

@@ -41,16 +41,18 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 def sincos_pos_embed_2d(dim: int, grid: int) -> np.ndarray:
-    """Fixed 2D sine-cosine position embedding (grid*grid, dim), as in MAE/DiT."""
+    """Fixed 2D sine-cosine position embedding (grid*grid, dim), token order row-major, in MAE/DiT's
+    layout: the first half of the channels encodes the column (x), the second half the row (y), so
+    weights trained by the official code (and the released `oaaoaa/mask_dit`) see the positions they learned."""
     coords = np.arange(grid, dtype=np.float64)
-    ys, xs = np.meshgrid(coords, coords, indexing="ij")
+    ys, xs = np.meshgrid(coords, coords, indexing="ij")  # (grid, grid) each; token k = (row k // grid, column k % grid)
     omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))
 
     def embed(positions: np.ndarray) -> np.ndarray:
         angles = positions.reshape(-1)[:, None] * omega[None]
         return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
 
-    return np.concatenate([embed(ys), embed(xs)], axis=1).astype(np.float32)
+    return np.concatenate([embed(xs), embed(ys)], axis=1).astype(np.float32)
 
 
 class TimestepEmbedder(nn.Module):
@@ -197,8 +199,6 @@ class ClipConditioner(nn.Module):
         self.clip, self.tokenizer = clip, tokenizer
         self.image_vae, self.image_vae_size, self.image_pixels = image_vae, image_vae_size, image_pixels
         self.image_size = clip.config.vision_config.image_size
-        self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
 
     @property
     def image_channels(self) -> int:
@@ -211,12 +211,15 @@ class ClipConditioner(nn.Module):
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         max_length = min(self.tokenizer.model_max_length, self.clip.config.text_config.max_position_embeddings)
         tokens = self.tokenizer([t.lower() for t in texts], padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
-        return {"input_ids": tokens.input_ids.to(self.mean.device), "attention_mask": tokens.attention_mask.to(self.mean.device)}
+        device = self.clip.device
+        return {"input_ids": tokens.input_ids.to(device), "attention_mask": tokens.attention_mask.to(device)}
 
     def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> CLIP input (B, 3, S, S)."""
         images = F.interpolate(images.float(), size=(self.image_size, self.image_size), mode="bicubic", align_corners=False, antialias=True)
-        return ((images.clamp(-1, 1) + 1) / 2 - self.mean) / self.std
+        # no buffers: the pipeline's `.to()` moves its registered components (CLIP, VAEs), not this helper
+        mean, std = (torch.tensor(v, device=images.device).view(1, 3, 1, 1) for v in (CLIP_MEAN, CLIP_STD))
+        return ((images.clamp(-1, 1) + 1) / 2 - mean) / std
 
     @torch.no_grad()
     def image_latents(self, images: torch.Tensor) -> torch.Tensor | None:

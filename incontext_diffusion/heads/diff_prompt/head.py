@@ -22,7 +22,7 @@ from ...errors import UserError
 from .diffusion import diffusion_loss, noise_scheduler
 from .dit import ClipConditioner, MaskDiT
 from .mask_vae import PAPER_KL_WEIGHT, build_mask_vae, mask_vae_loss, reconstruct
-from .pipeline import GroundingPipeline, MaskGenerationPipeline, StagePrompts, write_model_index
+from .pipeline import DiffPromptGroundingPipeline, DiffPromptMaskPipeline, StagePrompts, write_model_index
 
 
 class Options(BaseModel):
@@ -66,6 +66,7 @@ class MaskVAEOptions(Options):
     block_out_channels: list[int] = [4, 8, 16, 16]
     latent_channels: int = 4
     norm_num_groups: int = 2
+    layers_per_block: int = Field(2, ge=1)  # the official depth; the tiny recipe uses 1
     kl_weight: float = Field(PAPER_KL_WEIGHT, ge=0)
 
 
@@ -78,14 +79,19 @@ class MaskVAEModel(torch.nn.Module):
         return mask_vae_loss(self.vae, masks, self.kl_weight)[0]
 
 
+# The `data:` keys every Diff-Prompt stage reads (synthetic expressions or RefCOCO).
+DIFF_PROMPT_DATA_KEYS = frozenset({"source", "path", "size", "seed", "num_samples", "min_objects", "max_objects"})
+
+
 class MaskVAEHead(Head):
     """Stage 1: the Mask-VAE on referred-object masks (recipe diff_prompt_mask_vae)."""
 
     Options = MaskVAEOptions
+    data_keys = DIFF_PROMPT_DATA_KEYS
 
     def build(self) -> None:
         o = self.options
-        self.model = MaskVAEModel(build_mask_vae(tuple(o.block_out_channels), o.latent_channels, o.norm_num_groups), o.kl_weight)
+        self.model = MaskVAEModel(build_mask_vae(tuple(o.block_out_channels), o.latent_channels, o.norm_num_groups, o.layers_per_block), o.kl_weight)
         samples = referring_samples(self)
         self.masks = [torch.from_numpy(s.mask).float()[None] for s in samples if s.mask is not None]
         if not self.masks:
@@ -161,6 +167,8 @@ class DiTHead(Head):
     """Stage 2: the DiT prompt generator on frozen Mask-VAE latents (recipe diff_prompt_dit)."""
 
     Options = DiTOptions
+    data_keys = DIFF_PROMPT_DATA_KEYS
+    pipeline_classes = (DiffPromptMaskPipeline,)
 
     def build(self) -> None:
         from diffusers import AutoencoderKL
@@ -243,20 +251,21 @@ class DiTHead(Head):
             features = None if self.options.train_clip else self.conditioner(batch["images"], batch["texts"])
         return model(latents, batch["images"], batch["texts"], features)
 
-    def pipeline(self, model) -> MaskGenerationPipeline:
-        return MaskGenerationPipeline(self.vae, model.dit, self.conditioner, self.scheduler)
+    def pipeline(self, model) -> DiffPromptMaskPipeline:
+        return DiffPromptMaskPipeline.from_parts(self.vae, model.dit, self.conditioner, self.scheduler, self.options.ddim_steps)
 
     @torch.no_grad()
     def validate(self, model, step):
         batch = _as_batch(self.validation)
         device = next(model.parameters()).device
         pipe = self.pipeline(model)
-        masks = pipe(batch["images"].to(device), batch["texts"], self.options.ddim_steps, torch.Generator().manual_seed(0)).masks.clamp(0, 1)
+        pipe.set_progress_bar_config(disable=True)
+        masks = pipe(batch["images"].to(device), batch["texts"], generator=torch.Generator().manual_seed(0)).masks.clamp(0, 1)
         return make_grid([[to_pil(x) for x in batch["images"]], [to_pil(m, value_range=(0, 1)) for m in batch["masks"]], [to_pil(m, value_range=(0, 1)) for m in masks]],
                          labels=batch["texts"] + ["ground truth"] * len(masks) + ["generated"] * len(masks))
 
     def export(self, model, out_dir: Path) -> None:
-        MaskGenerationPipeline(self.vae, model.dit, self.conditioner, self.scheduler).save_pretrained(out_dir)
+        self.pipeline(model).save_pretrained(out_dir)
         write_model_index(out_dir, "DiffPromptMaskPipeline", mask_size=self.recipe.data.size, ddim_steps=self.options.ddim_steps)
 
     def model_card(self) -> str:
@@ -284,6 +293,7 @@ class HostOptions(Options):
     bert_width: int = 32
     bert_layers: int = 4
     head_dim: int = 64
+    absolute_positions: bool = False  # Swin's absolute position embedding: lets shared prompts address a place (docs, diagnosis)
 
 
 class HostModel(torch.nn.Module):
@@ -295,12 +305,26 @@ class HostModel(torch.nn.Module):
         return self.host(self.host.preprocess(images), texts, boxes).loss
 
 
-def grounding_picture(pipe: GroundingPipeline, samples):
-    from .commands import draw_boxes
+def draw_boxes(rgb, gt_boxes, pred_boxes):
+    """An RGB image (uint8 array or PIL) with xyxy pixel boxes: ground truth green, predictions red."""
+    from PIL import ImageDraw
 
+    from ...core.images import load_rgb
+
+    image = load_rgb(rgb).copy()
+    draw = ImageDraw.Draw(image)
+    for boxes, colour in ((gt_boxes, (0, 200, 0)), (pred_boxes, (230, 30, 30))):
+        for x1, y1, x2, y2 in boxes:
+            draw.rectangle([x1, y1, max(x2 - 1, x1), max(y2 - 1, y1)], outline=colour)
+    return image
+
+
+def grounding_picture(pipe: DiffPromptGroundingPipeline, samples):
     batch = _as_batch(samples)
+    pipe.set_progress_bar_config(disable=True)
     out = pipe(batch["images"], batch["texts"], torch.Generator().manual_seed(0), top_k=1)
-    pictures = [draw_boxes(s.image, [s.box], out.boxes[i, :1].tolist()) for i, s in enumerate(samples)]
+    size = batch["images"].shape[-1]
+    pictures = [draw_boxes(s.image, [[v * size for v in s.box]], out.boxes[i, :1].tolist()) for i, s in enumerate(samples)]
     return make_grid(pictures, labels=batch["texts"], ncols=len(pictures))
 
 
@@ -308,13 +332,16 @@ class GroundingHostHead(Head):
     """Pre-trains the CPU demo host (TinyGroundingHost: Swin + BERT + dot-product head) on synthetic expressions."""
 
     Options = HostOptions
+    data_keys = DIFF_PROMPT_DATA_KEYS
+    pipeline_classes = (DiffPromptGroundingPipeline,)  # the host alone: a grounding pipeline without prompts
 
     def build(self) -> None:
         from .hosts import TinyGroundingHost
         from .tiny import tiny_host_configs, write_bert_tokenizer
 
         o = self.options
-        swin, bert = tiny_host_configs(self.recipe.data.size, o.embed_dim, o.depths, o.num_heads, o.window_size, o.bert_width, o.bert_layers)
+        swin, bert = tiny_host_configs(self.recipe.data.size, o.embed_dim, o.depths, o.num_heads, o.window_size, o.bert_width, o.bert_layers,
+                                       o.absolute_positions)
         tokenizer = write_bert_tokenizer(self.recipe.run_dir() / "bert_tokenizer")
         self.model = HostModel(TinyGroundingHost.from_configs(swin, bert, tokenizer, o.head_dim))
         self.samples = referring_samples(self)
@@ -334,11 +361,11 @@ class GroundingHostHead(Head):
 
     @torch.no_grad()
     def validate(self, model, step):
-        return grounding_picture(GroundingPipeline(model.host, StagePrompts("none", 0, 2, 1, 1)), self.validation)
+        return grounding_picture(DiffPromptGroundingPipeline(model.host, StagePrompts("none", 0, 2, 1, 1)), self.validation)
 
     def export(self, model, out_dir: Path) -> None:
         model.host.save_pretrained(out_dir / "host")
-        write_model_index(out_dir, "GroundingHostPipeline", image_size=self.recipe.data.size)
+        write_model_index(out_dir, "DiffPromptGroundingPipeline", image_size=self.recipe.data.size)
 
 
 # ------------------------------------------------------------------------------ stage 3
@@ -356,6 +383,7 @@ class GroundingOptions(Options):
     visual_global: bool = True
     textual_global: bool = True
     ddim_steps: int = Field(25, ge=2)
+    prompt_source: str = Field("generated", pattern="^(generated|oracle)$")  # oracle: train on the true masks' noised latents (a diagnosis, docs)
     paper_compat: bool = False  # reproduce the official batch mixing of vision prompts (bug 1), for comparison only
 
 
@@ -363,6 +391,8 @@ class GroundingHead(Head):
     """Stage 3: trains only the prompt modules through the frozen host's own grounding loss."""
 
     Options = GroundingOptions
+    data_keys = DIFF_PROMPT_DATA_KEYS
+    pipeline_classes = (DiffPromptGroundingPipeline,)
 
     def build(self) -> None:
         from .hosts import load_host
@@ -373,8 +403,11 @@ class GroundingHead(Head):
         if o.method == "diff_prompt":
             if o.prompt_generator is None:
                 raise UserError("method diff_prompt needs model.prompt_generator: the stage-2 model folder (e.g. runs/diff_prompt_dit-tiny/model)")
-            self.generator = MaskGenerationPipeline.from_pretrained(o.prompt_generator)
-        mask_size = self.recipe.data.size if self.generator is None else _mask_size(o.prompt_generator, self.recipe.data.size)
+            self.generator = DiffPromptMaskPipeline.from_pretrained(o.prompt_generator)
+            self.generator.set_progress_bar_config(disable=True)  # it samples in every training step
+        if o.prompt_source == "oracle" and o.method != "diff_prompt":
+            raise UserError(f"model.prompt_source oracle replaces the DiT's masks: it needs method diff_prompt, not {o.method}")
+        mask_size = self.recipe.data.size if self.generator is None else self.generator.mask_size
         self.prompts = StagePrompts(o.method, o.depth, o.prompt_length, self.host.vision_dims[0], self.host.text_dim, mask_size, o.base_channels,
                                     o.visual, o.textual, o.visual_global, o.textual_global, o.paper_compat)
         self.samples = referring_samples(self)
@@ -398,13 +431,21 @@ class GroundingHead(Head):
     def loss(self, model, batch, step):
         images = batch["images"]
         # The mask generator runs frozen, under no_grad, with fresh noise from the global RNG.
-        masks = self.generator.prompt_masks(images, batch["texts"], self.options.depth, self.options.ddim_steps) if self.generator else None
+        o = self.options
+        if self.generator is None:
+            masks = None
+        elif o.prompt_source == "oracle":
+            if batch["masks"] is None:
+                raise UserError("model.prompt_source oracle needs the referred objects' masks: use synthscenes or RefCOCO with segmentation")
+            masks = self.generator.oracle_prompt_masks(batch["masks"], o.depth, o.ddim_steps)
+        else:
+            masks = self.generator.prompt_masks(images, batch["texts"], o.depth, o.ddim_steps)
         vision, text = model(images.shape[0], masks)
         with self.host.prompted(vision, text, self.options.paper_compat):
             return self.host(self.host.preprocess(images), batch["texts"], batch["boxes"].to(images.device)).loss
 
-    def pipeline(self, model) -> GroundingPipeline:
-        return GroundingPipeline(self.host, model, self.generator, self.options.ddim_steps)
+    def pipeline(self, model) -> DiffPromptGroundingPipeline:
+        return DiffPromptGroundingPipeline.from_generator(self.host, model, self.generator, self.options.ddim_steps)
 
     @torch.no_grad()
     def validate(self, model, step):
@@ -416,9 +457,3 @@ class GroundingHead(Head):
     def model_card(self) -> str:
         return f"Stage 3 of Diff-Prompt ({self.options.method}): prompt modules for a frozen grounding host (`host/`).\n"
 
-
-def _mask_size(folder: str, default: int) -> int:
-    import json
-
-    index = Path(folder) / "model_index.json"
-    return json.loads(index.read_text()).get("mask_size", default) if index.is_file() else default

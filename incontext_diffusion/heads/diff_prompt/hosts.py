@@ -5,7 +5,7 @@ Contract. A host is an `nn.Module` with
   order) and `vision_dims` / `text_dim`, the width of each slot;
 - `forward(pixel_values, texts, target_boxes=None) -> GroundingOutput` (box logits and normalised
   xyxy boxes, plus the host's own grounding loss when targets are given);
-- `preprocess(images)` from [-1, 1] RGB tensors to its input, and `save_pretrained` / `load_host`.
+- `preprocess(images)` from [-1, 1] RGB tensors to its input at `image_size`, and `save_pretrained` / `load_host`.
 `with host.prompted(vision, text):` sets per-sample prompts (B, L, D) for the first len(vision)
 Swin blocks and the first len(text) BERT layers; outside the block the host is untouched.
 `paper_compat=True` reproduces the official code's batch mixing of vision prompts (bug 1).
@@ -151,6 +151,14 @@ class PromptSlots(nn.Module):
     text_layers: list[PromptedBertLayer]
 
     @property
+    def device(self) -> torch.device:  # read by DiffusionPipeline.device / .to()
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
     def vision_dims(self) -> list[int]:
         return [block.dim for block in self.vision_blocks]
 
@@ -215,8 +223,13 @@ class TinyGroundingHost(PromptSlots):
 
         return cls(SwinModel(swin_config, add_pooling_layer=False), BertModel(bert_config, add_pooling_layer=False), tokenizer, head_dim)
 
+    @property
+    def image_size(self) -> int:
+        """The side its Swin was trained at: `preprocess` resizes every image to it."""
+        return self.swin.config.image_size
+
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        size = self.swin.config.image_size
+        size = self.image_size
         if images.shape[-1] != size or images.shape[-2] != size:
             images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         return images

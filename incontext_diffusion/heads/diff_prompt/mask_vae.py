@@ -15,8 +15,10 @@ from diffusers import AutoencoderKL
 PAPER_KL_WEIGHT = 3.7732e-4
 
 
-def build_mask_vae(block_out_channels: tuple[int, ...] = (4, 8, 16, 16), latent_channels: int = 4, norm_num_groups: int = 2) -> AutoencoderKL:
-    """A 1-in/1-out AutoencoderKL; each block after the first halves the mask side (224 -> 28 for 4 blocks)."""
+def build_mask_vae(block_out_channels: tuple[int, ...] = (4, 8, 16, 16), latent_channels: int = 4, norm_num_groups: int = 2,
+                   layers_per_block: int = 2) -> AutoencoderKL:
+    """A 1-in/1-out AutoencoderKL; each block after the first halves the mask side (224 -> 28 for 4 blocks).
+    The defaults are the official `mask_vanilla_vae_v2` (85,529 parameters), so `oaaoaa/mask_vae` loads into it."""
     blocks = len(block_out_channels)
     return AutoencoderKL(
         in_channels=1,
@@ -24,7 +26,7 @@ def build_mask_vae(block_out_channels: tuple[int, ...] = (4, 8, 16, 16), latent_
         down_block_types=("DownEncoderBlock2D",) * blocks,
         up_block_types=("UpDecoderBlock2D",) * blocks,
         block_out_channels=tuple(block_out_channels),
-        layers_per_block=1,
+        layers_per_block=layers_per_block,
         latent_channels=latent_channels,
         norm_num_groups=norm_num_groups,
     )

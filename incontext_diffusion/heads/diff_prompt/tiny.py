@@ -76,11 +76,14 @@ def tiny_clip_with_backbone_text(backbone: str | Path, projection_dim: int, imag
     return clip, CLIPTokenizer.from_pretrained(str(backbone / "tokenizer"))
 
 
-def tiny_host_configs(image_size: int = 64, embed_dim: int = 32, depths=(2, 2), heads=(2, 4), window: int = 4, bert_width: int = 32, bert_layers: int = 4):
-    """Swin and BERT configs of the CPU demo host (`TinyGroundingHost`)."""
+def tiny_host_configs(image_size: int = 64, embed_dim: int = 32, depths=(2, 2), heads=(2, 4), window: int = 4, bert_width: int = 32, bert_layers: int = 4,
+                      absolute_positions: bool = False):
+    """Swin and BERT configs of the CPU demo host (`TinyGroundingHost`); `absolute_positions` adds Swin's learned absolute
+    position embedding (off in Swin-T and GLIP: a window then cannot tell where in the image it is)."""
     from transformers import BertConfig, SwinConfig
 
-    swin = SwinConfig(image_size=image_size, patch_size=4, embed_dim=embed_dim, depths=list(depths), num_heads=list(heads), window_size=window)
+    swin = SwinConfig(image_size=image_size, patch_size=4, embed_dim=embed_dim, depths=list(depths), num_heads=list(heads), window_size=window,
+                      use_absolute_embeddings=absolute_positions)
     bert = BertConfig(
         vocab_size=BERT_VOCAB_SIZE, hidden_size=bert_width, num_hidden_layers=bert_layers, num_attention_heads=2,
         intermediate_size=2 * bert_width, max_position_embeddings=32,

@@ -72,13 +72,13 @@ def infer_images(options) -> None:
         prediction = pipe(image, **settings).prediction[0]
         if is_depth:
             depth = prediction[..., 0]
-            save_depth_png(out / f"{path.stem}_depth.png", depth, scale=1000.0)  # millimetres
+            save_depth_png(out / f"{path.stem}_depth.png", depth, scale=1000.0, overwrite=options.overwrite)  # millimetres
             colours = pipe.image_processor.visualize_depth(depth, 0.0, pipe.head.config.max_depth)[0]
-            save_image(colours, out / f"{path.stem}_depth_colored.png")
+            save_image(colours, out / f"{path.stem}_depth_colored.png", overwrite=options.overwrite)
             np.save(out / f"{path.stem}_depth.npy", depth.astype(np.float32))
         else:
-            save_image(Image.fromarray(prediction.astype(np.uint8)), out / f"{path.stem}_labels.png")
-            save_image(pipe.image_processor.overlay_segmentation(image, prediction), out / f"{path.stem}_overlay.png")
+            save_image(Image.fromarray(prediction.astype(np.uint8)), out / f"{path.stem}_labels.png", overwrite=options.overwrite)
+            save_image(pipe.image_processor.overlay_segmentation(image, prediction), out / f"{path.stem}_overlay.png", overwrite=options.overwrite)
     print(f"wrote {len(files) - len(failed)} prediction(s) to {out}")
     if failed:
         raise UserError(f"{len(failed)} of {len(files)} input(s) could not be read ({', '.join(failed)}): the others were written")

@@ -101,6 +101,9 @@ def task_options(model: dict, where: str) -> type[MetaPromptsOptions]:
 class MetaPromptsHead(Head):
     """Depth or semantic segmentation from a diffusion UNet with meta prompts and recurrent refinement."""
 
+    pipeline_classes = (MetaPromptsDepthPipeline, MetaPromptsSegmentationPipeline)
+    data_keys = frozenset({"source", "path", "size", "seed", "num_samples", "min_objects", "max_objects", "held_out"})
+
     def __init__(self, recipe):
         self.Options = task_options(recipe.model, f"recipe {recipe.name}")
         super().__init__(recipe)

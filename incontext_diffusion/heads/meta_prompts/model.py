@@ -107,7 +107,9 @@ class MetaPromptsBackbone(nn.Module):
         for k, context in enumerate(contexts):
             with UNetFeatureTaps(self.unet, time_embeddings[k : k + 1].expand(batch, -1)) as taps:
                 x = self.unet(x, timestep, encoder_hidden_states=context.to(x.dtype)).sample  # feedback for loop k + 1
-            loops.append(list(taps.features))
+            # Cloned: under CUDA graphs (compile_mode reduce-overhead) the next loop's replay of the
+            # same UNet graph overwrites its output buffers, and these features are read after it.
+            loops.append([feature.clone() for feature in taps.features])
         return loops
 
 

@@ -50,12 +50,12 @@ def infer(options) -> None:
         if options.height is None and options.width is None and image.size != query.size:
             image = image.resize(query.size, Image.Resampling.LANCZOS)  # the pipeline rounds to the latent grid
         image_path = out if one_file else out / f"{path.stem}.png"
-        save_image(image, image_path)
+        save_image(image, image_path, overwrite=options.overwrite)
         print(f"wrote {image_path}")
         if options.grid:
             grid_path = image_path.with_name(f"{image_path.stem}_grid.png")
             labels = ["example source", "example target", "query", "output"]
-            save_image(make_grid([source, target, query, image], labels=labels), grid_path)
+            save_image(make_grid([source, target, query, image], labels=labels), grid_path, overwrite=options.overwrite)
             print(f"wrote {grid_path}")
 
 
@@ -88,11 +88,17 @@ def register(app, data_app, convert_app, infer: dict, evaluate: dict) -> None:
         config: Optional[str] = typer.Option("stable-diffusion-v1-5/stable-diffusion-v1-5", "--config",
                                              help="Diffusers folder or cached hub id giving the component configs, tokenizer and scheduler."),
         trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a .ckpt that needs unpickling (runs code from the file)."),
+        conditioning_range: str = typer.Option("[-1, 1]", "--conditioning-range",
+                                               help="Range of the example pair and query fed to the ControlNet: [-1, 1] (the paper) or [0, 1] (diffusers' port)."),
     ) -> None:
         """Convert an original Prompt Diffusion checkpoint (ControlNet and UNet from the checkpoint itself)."""
         from .convert import convert_checkpoint
 
-        convert_checkpoint(checkpoint, out, config=config, trust_pickle=trust_pickle)
+        ranges = ("[-1, 1]", "[0, 1]")
+        if conditioning_range.replace(" ", "") not in [r.replace(" ", "") for r in ranges]:
+            raise UserError(f"--conditioning-range {conditioning_range!r} is not known: choose '[-1, 1]' (the paper) or '[0, 1]' (diffusers' port)")
+        conditioning_range = ranges[[r.replace(" ", "") for r in ranges].index(conditioning_range.replace(" ", ""))]
+        convert_checkpoint(checkpoint, out, config=config, trust_pickle=trust_pickle, conditioning_range=conditioning_range)
         print(f"wrote {out}")
 
     @data_app.command("annotate")

@@ -244,9 +244,9 @@ def in_context_scores(pipe, folder, cards: list[TaskCard], n: int, size: int, st
         for c, column in enumerate(columns):
             results[f"confusion/{row}/{column}"] = float(matrix[r, c])
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        save_image(confusion_picture(matrix, row_names, columns), out / "confusion_matrix.png")
-        save_image(in_context_picture(picture_rows, row_names), out / "in_context.png")
+        out.mkdir(parents=True, exist_ok=True)  # icd eval already refused an --out holding results, unless --overwrite
+        save_image(confusion_picture(matrix, row_names, columns), out / "confusion_matrix.png", overwrite=True)
+        save_image(in_context_picture(picture_rows, row_names), out / "in_context.png", overwrite=True)
     return results
 
 

@@ -151,6 +151,8 @@ class PromptDiffusionHead(Head):
     """Recipes `prompt_diffusion` (SD1.5) and `prompt_diffusion-tiny` (tiny backbone, synthetic scenes)."""
 
     Options = PromptDiffusionOptions
+    pipeline_classes = (PromptDiffusionPipeline,)
+    data_keys = frozenset({"source", "path", "size", "seed", "num_samples"})
 
     def build(self) -> None:
         if not self.recipe.tasks:
@@ -249,7 +251,7 @@ class PromptDiffusionHead(Head):
         tasks = ", ".join(task.name for task in self.tasks)
         return (
             f"Prompt Diffusion (in-context generation) trained on: {tasks}. Backbone: {self.recipe.backbone}.\n\n"
-            "```python\nfrom incontext_diffusion.heads.prompt_diffusion.pipeline import PromptDiffusionPipeline\n"
+            "```python\nfrom incontext_diffusion import PromptDiffusionPipeline\n"
             "pipe = PromptDiffusionPipeline.from_pretrained(PATH)\n"
             "image = pipe(prompt, image=query, image_pair=[example_source, example_target]).images[0]\n```\n"
             f"Inference defaults (in model_index.json): {self.options.inference_steps} DDIM steps, guidance {self.options.guidance_scale}.\n"

@@ -20,7 +20,8 @@ def infer_text_to_image(options) -> None:
     defaults = inference_defaults(options.model)
     out = options.out or Path("outputs/infer.png")
     text_to_image(options.model, options.prompt, out, steps=options.steps or defaults["num_inference_steps"],
-                  guidance=options.guidance or defaults["guidance_scale"], seed=options.seed, num_images=options.num_images or 1)
+                  guidance=options.guidance or defaults["guidance_scale"], seed=options.seed, num_images=options.num_images or 1,
+                  overwrite=options.overwrite)
     print(f"wrote {out}")
 
 

@@ -25,10 +25,10 @@ from rich.progress import Progress, track
 from ...core import tiny
 from ...core.components import Components, load_components, text_to_image_pipeline, token_ids
 from ...core.head import Head
-from ...core.images import make_grid, save_image, to_pil
+from ...core.images import check_output_path, make_grid, save_image, to_pil
 from ...core.model_folder import read_model_folder
 from ...data.annotators import synthetic_map
-from ...data.synthscenes import COLOURS, FLOOR_RGB, SHAPES, SIZES, WALL_RGB, SynthScenesDataset, caption_vocabulary, render_scene
+from ...data.synthscenes import CLASSES, COLOURS, FLOOR_RGB, SHAPES, SIZES, WALL_RGB, SynthScenesDataset, caption_vocabulary, render_scene
 from ...errors import UserError
 from ...metrics.speed import SpeedMeter
 
@@ -203,21 +203,37 @@ def generate(pipe: StableDiffusionPipeline, prompts: list[str], steps: int, guid
         return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generator, output_type=output_type, callback_on_step_end=on_step_end).images
 
 
-def text_to_image(model_dir: Path, prompt: str, out: Path, steps: int, guidance: float, seed: int = 0, num_images: int = 1) -> None:
+def text_to_image(model_dir: Path, prompt: str, out: Path, steps: int, guidance: float, seed: int = 0, num_images: int = 1,
+                  overwrite: bool = False) -> None:
     """`icd infer` for a text-to-image model: one image, or a grid of `num_images`."""
+    check_output_path(out, overwrite=overwrite, what="--out")  # before the model runs
     images = generate(load_pipeline(model_dir), [prompt] * num_images, steps, guidance, torch.Generator().manual_seed(seed))
-    save_image(images[0] if num_images == 1 else make_grid(images, ncols=min(num_images, 8)), out)
+    save_image(images[0] if num_images == 1 else make_grid(images, ncols=min(num_images, 8)), out, overwrite=overwrite)
+
+
+# The shipped segmentation model judges which shape a sample shows (when it is in assets/).
+SHAPE_JUDGE = "tiny-meta-prompts-seg"
 
 
 def evaluate_text_to_image(model_dir: Path, num_samples: int, steps: int, guidance: float, seed: int = 0, batch_size: int | None = None) -> dict:
-    """`icd eval` for a text-to-image model trained on synthetic scenes: colour agreement of
-    `num_samples` generated images, the VAE's reconstruction RMSE per modality on as many held-out
-    scenes, and the pipeline's speed."""
+    """`icd eval` for a text-to-image model trained on synthetic scenes: colour agreement (and shape
+    agreement, judged by the shipped segmentation model) of `num_samples` generated one-object images,
+    the VAE's reconstruction RMSE per modality on as many held-out scenes, and the pipeline's speed."""
+    from ...core.model_folder import ASSETS, load_pipeline as load_any_pipeline
+    from ...metrics.generation import shape_agreement
+
     pipe = load_pipeline(model_dir)
     meter = SpeedMeter("cpu", torch.float32, batch_size=batch_size or num_samples)
-    agreement = colour_agreement(pipe, n=num_samples, steps=steps, guidance_scale=guidance, seed=seed, batch_size=batch_size, meter=meter)
+    captions = one_object_captions(num_samples)
+    images = one_object_samples(pipe, captions, steps=steps, guidance_scale=guidance, seed=seed, batch_size=batch_size, meter=meter)
+    results = {"colour_agreement": colour_agreement(images, captions)}
+    if (ASSETS / SHAPE_JUDGE / "model_index.json").is_file():
+        judge = load_any_pipeline(SHAPE_JUDGE)
+        labels = judge(list(images)).prediction  # N x H x W class ids
+        results["shape_agreement"] = shape_agreement(list(labels), [caption.split()[3] for caption in captions], CLASSES)  # the synthetic scenes the judge was trained on
+        results["shape_judge"] = SHAPE_JUDGE
     rmse = vae_reconstruction_rmse(pipe.vae, num_scenes=num_samples)
-    return {"colour_agreement": agreement, "num_samples": num_samples, "steps": steps, "guidance_scale": guidance,
+    return {**results, "num_samples": num_samples, "steps": steps, "guidance_scale": guidance,
             **{f"vae_reconstruction_rmse/{modality}": value for modality, value in rmse.items()}, **meter.results()}
 
 
@@ -257,18 +273,22 @@ def dominant_colour(image: np.ndarray) -> str | None:
     return max(set(votes), key=votes.count) if votes else None
 
 
-def colour_agreement(pipe: StableDiffusionPipeline, n: int = 64, steps: int = 25, guidance_scale: float = 4.0, seed: int = 0,
-                     batch_size: int | None = None, meter: SpeedMeter | None = None) -> float:
-    """Fraction of samples for one-object captions whose dominant colour is the colour named
-    (generated `batch_size` captions per pipeline call, all at once by default; `meter` times the calls)."""
-    captions = one_object_captions(n)
+def one_object_samples(pipe: StableDiffusionPipeline, captions: list[str], steps: int = 25, guidance_scale: float = 4.0, seed: int = 0,
+                       batch_size: int | None = None, meter: SpeedMeter | None = None) -> np.ndarray:
+    """Generated images (N x H x W x 3 uint8), `batch_size` captions per pipeline call (all at once by
+    default); `meter` times the calls."""
     generator = torch.Generator().manual_seed(seed)
     meter = meter or SpeedMeter()
-    batch_size = batch_size or n
+    batch_size = batch_size or len(captions)
     images = []
-    for start in range(0, n, batch_size):
+    for start in range(0, len(captions), batch_size):
         batch = captions[start : start + batch_size]
         with meter.timed(len(batch)):
             images += list(generate(pipe, batch, steps, guidance_scale, generator, output_type="np"))
-    hits = [dominant_colour((img * 255).round().astype(np.uint8)) == caption.split()[2] for img, caption in zip(images, captions)]
+    return (np.stack(images) * 255).round().astype(np.uint8)
+
+
+def colour_agreement(images: np.ndarray, captions: list[str]) -> float:
+    """Fraction of samples for one-object captions whose dominant colour is the colour named."""
+    hits = [dominant_colour(image) == caption.split()[2] for image, caption in zip(images, captions)]
     return float(np.mean(hits))
