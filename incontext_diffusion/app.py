@@ -54,6 +54,7 @@ TRAIN_HINTS = {
 MAX_UPLOAD_PIXELS = 16_000_000  # a web app decodes strangers' files: well below core.images' 64 MP
 MAX_FILE_SIZE = "20mb"  # Gradio refuses bigger uploads before they reach a tab
 MIN_SIDE = 16  # smaller images carry nothing the models can use
+OUTPUT_BUTTONS = ["download", "fullscreen"]  # no "share": nothing leaves the machine unless asked
 GALLERY_SEEDS = 2  # example pairs per task in the in-context gallery
 Progress = Callable[[int, int], None]  # (steps done, total steps)
 
@@ -331,21 +332,23 @@ def build_app(models: Models, work_dir: Path) -> gr.Blocks:
             else:
                 gr.Markdown("An example pair (source -> target) shows a task; the model applies it to the query.")
                 with gr.Row():
-                    source = UploadedImage(label="Example source", type="filepath", height=192)
-                    target = UploadedImage(label="Example target", type="filepath", height=192)
-                    query = UploadedImage(label="Query", type="filepath", height=192)
-                    generated = gr.Image(label="Output", type="pil", format="png", height=192, interactive=False)
-                prompt = gr.Textbox(label="Text", placeholder="a caption for image tasks; empty for the tiny model's map tasks")
+                    source = UploadedImage(label="Example source", type="filepath", height=192, elem_id="in-context-source")
+                    target = UploadedImage(label="Example target", type="filepath", height=192, elem_id="in-context-target")
+                    query = UploadedImage(label="Query", type="filepath", height=192, elem_id="in-context-query")
+                    generated = gr.Image(label="Output", type="pil", format="png", buttons=OUTPUT_BUTTONS, height=192, interactive=False, elem_id="in-context-output")
+                with gr.Row():
+                    task = gr.Textbox(label="Task (from the gallery)", interactive=False, scale=1)
+                    prompt = gr.Textbox(label="Text", placeholder="a caption for image tasks; empty for the tiny model's map tasks", scale=3)
                 with gr.Row():
                     steps = gr.Slider(1, 100, value=20, step=1, label="Steps")
                     guidance = gr.Slider(1.0, 15.0, value=float(models.setting("in_context", "model", "guidance_scale", 9.0)), step=0.5, label="Guidance")
                     seed = gr.Number(value=0, precision=0, label="Seed")
-                run = gr.Button("Generate", variant="primary")
+                run = gr.Button("Generate", variant="primary", elem_id="in-context-run")
                 pairs = write_gallery(models, work_dir / "gallery")
                 gr.Examples(
-                    [[str(p.source), str(p.target), str(p.query), p.text] for p in pairs], [source, target, query, prompt],
-                    example_labels=[f"{p.task} ({'trained' if p.seen_in_training else 'unseen'})" for p in pairs],
-                    label="Example pairs from held-out scenes: click one to fill the inputs", examples_per_page=len(pairs), cache_examples=False,
+                    [[f"{p.task} ({'trained' if p.seen_in_training else 'unseen'})", str(p.source), str(p.target), str(p.query), p.text] for p in pairs],
+                    [task, source, target, query, prompt], label="Example pairs from held-out scenes: click one to fill the inputs",
+                    examples_per_page=len(pairs), cache_examples=False, elem_id="in-context-gallery",
                 )
 
                 def run_in_context(source, target, query, prompt, steps, guidance, seed, progress=gr.Progress()):
@@ -361,13 +364,13 @@ def build_app(models: Models, work_dir: Path) -> gr.Blocks:
                     if models.missing(capability):
                         gr.Markdown(models.missing(capability))
                 with gr.Row():
-                    photo = UploadedImage(label="Photo", type="filepath", height=256)
-                    depth_colored = gr.Image(label="Depth (coloured, near to far)", type="pil", format="png", height=256, interactive=False)
-                    overlay = gr.Image(label="Segmentation overlay", type="pil", format="png", height=256, interactive=False)
+                    photo = UploadedImage(label="Photo", type="filepath", height=256, elem_id="depth-photo")
+                    depth_colored = gr.Image(label="Depth (coloured, near to far)", type="pil", format="png", buttons=OUTPUT_BUTTONS, height=256, interactive=False, elem_id="depth-colored")
+                    overlay = gr.Image(label="Segmentation overlay", type="pil", format="png", buttons=OUTPUT_BUTTONS, height=256, interactive=False, elem_id="depth-overlay")
                 with gr.Row():
-                    depth_png = gr.File(label="16-bit depth PNG (millimetres)")
-                    labels_png = gr.File(label="Label map PNG (class ids)")
-                predict = gr.Button("Predict", variant="primary")
+                    depth_png = gr.File(label="16-bit depth PNG (millimetres)", elem_id="depth-png")
+                    labels_png = gr.File(label="Label map PNG (class ids)", elem_id="labels-png")
+                predict = gr.Button("Predict", variant="primary", elem_id="depth-run")
                 samples = sorted(str(p) for p in (Path(__file__).resolve().parent.parent / "assets" / "samples").glob("*.png"))
                 if samples:
                     gr.Examples([[s] for s in samples], [photo], label="Sample photos", cache_examples=False)
@@ -385,13 +388,13 @@ def build_app(models: Models, work_dir: Path) -> gr.Blocks:
                 gr.Markdown(models.missing("grounding"))
             else:
                 with gr.Row():
-                    grounding_photo = UploadedImage(label="Photo", type="filepath", height=256)
-                    annotated = gr.AnnotatedImage(label="Box (with its score) and generated mask", format="png", height=256)
-                    trajectory = gr.Image(label="Mask trajectory (the masks fed to the prompt layers)", type="pil", format="png", height=256, interactive=False)
-                expression = gr.Textbox(label="Referring expression", placeholder="the small red cube")
+                    grounding_photo = UploadedImage(label="Photo", type="filepath", height=256, elem_id="grounding-photo")
+                    annotated = gr.AnnotatedImage(label="Box (with its score) and generated mask", format="png", height=256, elem_id="grounding-output")
+                    trajectory = gr.Image(label="Mask trajectory (the masks fed to the prompt layers)", type="pil", format="png", buttons=OUTPUT_BUTTONS, height=256, interactive=False, elem_id="grounding-trajectory")
+                expression = gr.Textbox(label="Referring expression", placeholder="the small red cube", elem_id="grounding-text")
                 with gr.Row():
                     grounding_seed = gr.Number(value=0, precision=0, label="Seed")
-                    locate = gr.Button("Locate", variant="primary")
+                    locate = gr.Button("Locate", variant="primary", elem_id="grounding-run")
 
                 def run_grounding(photo, text, seed):
                     result = grounding(models, photo, text, int(seed))
@@ -411,8 +414,8 @@ def build_app(models: Models, work_dir: Path) -> gr.Blocks:
                     t2i_steps = gr.Slider(1, 100, value=20, step=1, label="Steps")
                     t2i_guidance = gr.Slider(1.0, 15.0, value=4.0, step=0.5, label="Guidance")
                     t2i_seed = gr.Number(value=0, precision=0, label="Seed")
-                draw = gr.Button("Generate", variant="primary")
-                picture = gr.Image(label="Image", type="pil", format="png", height=256, interactive=False)
+                draw = gr.Button("Generate", variant="primary", elem_id="text-to-image-run")
+                picture = gr.Image(label="Image", type="pil", format="png", buttons=OUTPUT_BUTTONS, height=256, interactive=False, elem_id="text-to-image-output")
 
                 def run_text_to_image(caption, steps, guidance, seed, progress=gr.Progress()):
                     return text_to_image(models, caption, int(steps), guidance, int(seed), gradio_progress(progress))
