@@ -139,7 +139,7 @@ def test_depth_tab_and_in_context_generation_in_the_browser(app_url, browser, mo
 
     # In-context generation: one click on the gallery's first pair fills the inputs; generate.
     open_tab(browser, "In-context generation")
-    wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#in-context-gallery .gallery-item"), "the gallery")[0].click()
+    wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#in-context-gallery tr.tr-body"), "the gallery")[0].click()
     for elem_id in ("in-context-source", "in-context-target", "in-context-query"):
         shown_image(browser, elem_id)
     browser.find_element(By.CSS_SELECTOR, "#in-context-run").click()
@@ -149,6 +149,7 @@ def test_depth_tab_and_in_context_generation_in_the_browser(app_url, browser, mo
     expected = app.in_context(models, first.source, first.target, first.query, first.text, steps=20, guidance=guidance, seed=0)
     assert_not_blank(generated)
     assert np.abs(generated[..., :3].astype(int) - np.asarray(expected)).max() <= 2  # the same model, inputs and seed
+    browser.execute_script("window.scrollTo(0, 0)")  # the inputs and the output, the gallery below
     browser.save_screenshot(str(SCREENSHOTS / "app_in_context.png"))
 
     # Grounding and text-to-image: one request each, for their screenshots.
