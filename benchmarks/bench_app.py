@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -34,7 +35,7 @@ def make_models(folder: Path) -> list[Path]:
     from incontext_diffusion.recipes import load_recipe
 
     one_step = ["data.num_samples=4", "train.max_steps=1", "train.batch_size=2", "train.validate_every=100", "train.checkpoint_every=1"]
-    pd = train(load_head(load_recipe("prompt_diffusion-tiny", [*one_step, f"output_dir={folder / 'pd'}", "model.train_vae_decoder=false"])))
+    pd = train(load_head(load_recipe("prompt_diffusion-tiny", [*one_step, f"output_dir={folder / 'pd'}", "model.train_vae_decoder=false", "model.validation_steps=1"])))
     depth = train(load_head(load_recipe("meta_prompts_depth-tiny", [*one_step, f"output_dir={folder / 'depth'}", "data.held_out=2"])))
     return [pd, depth]
 
@@ -106,6 +107,7 @@ def main() -> None:
     finally:
         app.terminate()
         app.wait(timeout=60)
+        shutil.rmtree(work, ignore_errors=True)
 
     results |= {"cpu_cores": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "load_average_1min": os.getloadavg()[0],
                 "models": model_dirs}

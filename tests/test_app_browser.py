@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("ICD_BROWSER_TEST") != "1", reaso
 ROOT = Path(__file__).resolve().parents[1]
 PHOTO = ROOT / "assets" / "samples" / "coffee_cc0.png"
 SCREENSHOTS = ROOT / "docs" / "images"
-WAIT = 300  # seconds: the 2 CPU cores this runs on may be shared
+WAIT = 600  # seconds: the 2 CPU cores (and the disk) this runs on may be shared
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +54,10 @@ def app_url(model_dirs, tmp_path_factory):
             urllib.request.urlopen(url, timeout=5)
             break
         except OSError:
-            log.seek(0)
-            assert process.poll() is None and time.monotonic() < deadline, f"icd app did not start:\n{log.read()}"
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                log.seek(0)
+                pytest.fail(f"icd app did not start within {WAIT} s:\n{log.read()}")
             time.sleep(1)
     yield url
     process.terminate()
@@ -84,10 +86,23 @@ def wait_for(driver, condition, what: str):
     return WebDriverWait(driver, WAIT, poll_frequency=0.5).until(lambda d: condition(d), message=f"waited {WAIT} s for {what}")
 
 
-def open_tab(driver, name: str) -> None:
+def click(driver, css: str, what: str, text: str | None = None) -> None:
+    """Click the first element matching `css` (and showing `text`) once the page lets it be clicked (not under a loading veil)."""
+    from selenium.common.exceptions import ElementClickInterceptedException
     from selenium.webdriver.common.by import By
 
-    wait_for(driver, lambda d: [b for b in d.find_elements(By.CSS_SELECTOR, "button[role=tab]") if b.text == name], f"the {name} tab")[0].click()
+    def clicked(d) -> bool:
+        elements = [e for e in d.find_elements(By.CSS_SELECTOR, css) if text is None or e.text == text]
+        try:
+            return bool(elements) and elements[0].click() is None
+        except ElementClickInterceptedException:
+            return False
+
+    wait_for(driver, clicked, what)
+
+
+def open_tab(driver, name: str) -> None:
+    click(driver, "button[role=tab]", f"the {name} tab", text=name)
 
 
 def shown_image(driver, elem_id: str) -> np.ndarray:
@@ -123,7 +138,7 @@ def test_depth_tab_and_in_context_generation_in_the_browser(app_url, browser, mo
     open_tab(browser, "Depth and segmentation")
     browser.find_element(By.CSS_SELECTOR, "#depth-photo input[type=file]").send_keys(str(PHOTO))
     shown_image(browser, "depth-photo")  # the upload is in place
-    browser.find_element(By.CSS_SELECTOR, "#depth-run").click()
+    click(browser, "#depth-run", "the Predict button")
     depth_colored, overlay = shown_image(browser, "depth-colored"), shown_image(browser, "depth-overlay")
     expected = app.depth_and_segmentation(models, PHOTO, tmp_path / "expected")
     assert depth_colored.shape[:2] == (256, 384)  # the photo's size
@@ -139,10 +154,10 @@ def test_depth_tab_and_in_context_generation_in_the_browser(app_url, browser, mo
 
     # In-context generation: one click on the gallery's first pair fills the inputs; generate.
     open_tab(browser, "In-context generation")
-    wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#in-context-gallery tr.tr-body"), "the gallery")[0].click()
+    click(browser, "#in-context-gallery tr.tr-body", "the gallery's first pair")
     for elem_id in ("in-context-source", "in-context-target", "in-context-query"):
         shown_image(browser, elem_id)
-    browser.find_element(By.CSS_SELECTOR, "#in-context-run").click()
+    click(browser, "#in-context-run", "the Generate button")
     generated = shown_image(browser, "in-context-output")
     first = app.write_gallery(models, tmp_path / "gallery")[0]
     guidance = float(models.setting("in_context", "model", "guidance_scale", 9.0))
@@ -157,11 +172,11 @@ def test_depth_tab_and_in_context_generation_in_the_browser(app_url, browser, mo
     browser.find_element(By.CSS_SELECTOR, "#grounding-photo input[type=file]").send_keys(str(PHOTO))
     shown_image(browser, "grounding-photo")
     browser.find_element(By.CSS_SELECTOR, "#grounding-text textarea").send_keys("the white cup")
-    browser.find_element(By.CSS_SELECTOR, "#grounding-run").click()
+    click(browser, "#grounding-run", "the Locate button")
     assert_not_blank(shown_image(browser, "grounding-trajectory"))
     browser.save_screenshot(str(SCREENSHOTS / "app_grounding.png"))
 
     open_tab(browser, "Text-to-image")
-    browser.find_element(By.CSS_SELECTOR, "#text-to-image-run").click()
+    click(browser, "#text-to-image-run", "the Generate button")
     assert_not_blank(shown_image(browser, "text-to-image-output"))
     browser.save_screenshot(str(SCREENSHOTS / "app_text_to_image.png"))
