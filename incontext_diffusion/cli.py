@@ -337,6 +337,23 @@ def convert_single_file(
     console.print(f"wrote {out}")
 
 
+# ------------------------------------------------------------------------------------------- app
+@app.command(name="app")
+def app_command(
+    model_dir: list[str] = typer.Option([], "--model-dir", help="An exported model folder or a shipped model's name (repeatable; default: the shipped models)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; 0.0.0.0 opens the app to your network."),
+    port: int = typer.Option(7860, "--port", min=1, max=65535, help="Port to serve on."),
+    share: bool = typer.Option(False, "--share", help="Also open a public gradio.live link (off unless asked)."),
+) -> None:
+    """A browser app: in-context generation, depth and segmentation, grounding, text-to-image."""
+    if importlib.util.find_spec("gradio") is None:
+        raise UserError("the app needs Gradio: pip install 'incontext_diffusion[app]'")
+    from .app import launch
+
+    quiet_loading()
+    launch(model_dir, host=host, port=port, share=share)
+
+
 # --------------------------------------------------------------------------------- recipes, info
 @app.command()
 def bench(
