@@ -4,8 +4,13 @@
 set -euo pipefail
 OUT=${OUT:-outputs/demo}
 ICD=".venv/bin/icd"
+# Outputs are never replaced silently (icd refuses existing files): a previous demo's folder, marked
+# by .icd-demo, is removed first; any other existing folder is left alone and the demo stops.
+if [ -e "$OUT" ]; then
+  if [ -f "$OUT/.icd-demo" ]; then rm -rf -- "$OUT"; else echo "error: $OUT exists and is not a demo folder: choose another OUT=..." >&2; exit 2; fi
+fi
 mkdir -p "$OUT"
-rm -rf "$OUT/scenes"
+touch "$OUT/.icd-demo"
 echo "== synthetic scenes -> $OUT/scenes (+ grid)"
 $ICD data synth --out "$OUT/scenes" --n 16 --size 128 --grid "$OUT/scenes_grid.png"
 echo "== text-to-image with the embedded backbone -> $OUT/tiny_ldm.png"
