@@ -15,6 +15,13 @@ echo "== synthetic scenes -> $OUT/scenes (+ grid)"
 $ICD data synth --out "$OUT/scenes" --n 16 --size 128 --grid "$OUT/scenes_grid.png"
 echo "== text-to-image with the embedded backbone -> $OUT/tiny_ldm.png"
 $ICD infer --model assets/tiny-ldm --prompt "a large red sphere" --num-images 4 --out "$OUT/tiny_ldm.png"
+echo "== the shipped model zoo (assets/): predictions on the sample photo and 20 held-out scenes' figures"
+for model in tiny-meta-prompts-depth tiny-meta-prompts-seg; do
+  [ -f "assets/$model/model_index.json" ] || { echo "   ($model is not shipped in this checkout)"; continue; }
+  $ICD infer --model "$model" --image assets/samples --out "$OUT/shipped/$model"
+  $ICD eval --model "$model" -n 20 --out "$OUT/shipped/${model}_eval"
+done
+echo "== short training runs of every head from the shipped backbone (these show that training works, not the best figures)"
 for part in scripts/demo_*.sh; do
   [ -e "$part" ] || continue
   echo "== $part"
