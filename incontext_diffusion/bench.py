@@ -302,7 +302,7 @@ def _status_kib(field: str) -> int:
 
 
 def _point_in_child(send, arguments: dict) -> None:
-    """Runs in a forked child: the point's own peak resident memory, above what the parent held."""
+    """Runs in a child process: the point's own peak resident memory, above what the child held at start."""
     baseline = _status_kib("VmRSS")
     try:
         record = run_case(**arguments, clock=time.process_time)  # CPU seconds: other jobs on the machine do not inflate them
@@ -312,7 +312,7 @@ def _point_in_child(send, arguments: dict) -> None:
 
 
 def measure_point(arguments: dict) -> tuple[Record | None, float | None, str]:
-    """(record, peak memory GiB, note) of one `run_case`. A CPU point runs in a forked process, since a
+    """(record, peak memory GiB, note) of one `run_case`. A CPU point runs in a fresh child process, since a
     process's peak resident memory only grows; a GPU point runs here, its peak from the allocator."""
     if torch.device(arguments["device"]).type == "cuda":
         try:
@@ -325,7 +325,9 @@ def measure_point(arguments: dict) -> tuple[Record | None, float | None, str]:
             return None, None, f"failed: {err}"
     import multiprocessing
 
-    context = multiprocessing.get_context("fork")  # the child inherits the imports: no start-up cost per point
+    # spawn, not fork: a fork of a process whose threads (torch's, the progress bars') hold locks can
+    # deadlock in the child; a spawned child pays the imports (seconds) once per point instead.
+    context = multiprocessing.get_context("spawn")
     receive, send = context.Pipe(duplex=False)
     child = context.Process(target=_point_in_child, args=(send, arguments))
     child.start()
