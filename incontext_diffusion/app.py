@@ -40,7 +40,6 @@ CAPABILITIES = {
     "MetaPromptsDepthPipeline": "depth",
     "MetaPromptsSegmentationPipeline": "segmentation",
     "DiffPromptGroundingPipeline": "grounding",
-    "GroundingHostPipeline": "grounding",  # a bare host: boxes, no generated mask
     "StableDiffusionPipeline": "text_to_image",
 }
 # What a page without the model shows: the recipe that makes one.
@@ -90,10 +89,10 @@ def load_pipeline(folder: ModelFolder):
         pipeline_class = MetaPromptsDepthPipeline if capability == "depth" else MetaPromptsSegmentationPipeline
         return pipeline_class.from_pretrained(folder.path)
     if capability == "grounding":
-        from .heads.diff_prompt.pipeline import GroundingPipeline
+        from .heads.diff_prompt.pipeline import DiffPromptGroundingPipeline
 
-        return GroundingPipeline.from_pretrained(folder.path)
-    from .heads.tiny_ldm import load_pipeline as load_text_to_image
+        return DiffPromptGroundingPipeline.from_pretrained(folder.path)
+    from .heads.tiny_ldm.head import load_pipeline as load_text_to_image
 
     return load_text_to_image(folder.path)
 
@@ -195,20 +194,17 @@ def depth_and_segmentation(models: Models, image: str | Path, out_dir: Path) -> 
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = Path(image).stem
     result = DepthAndSegmentation(None, None, None, None, None, None)
+    # The pipelines run at their processing resolution (the training size) and answer at the photo's size.
     if "depth" in models.folders:
         pipe = models.pipeline("depth")
-        size = int(models.setting("depth", "data", "size", 64))
-        prediction = pipe(photo.resize((size, size), Image.Resampling.LANCZOS), output_type="pt").prediction[0, 0].cpu()
-        result.depth = resized_prediction(prediction, photo.size, "bilinear")
-        result.depth_colored = pipe.visualize_depth(result.depth)[0]
+        result.depth = pipe(photo).prediction[0, :, :, 0]  # metres, H x W
+        result.depth_colored = pipe.image_processor.visualize_depth(result.depth[None, :, :, None])[0]
         result.depth_png = out_dir / f"{stem}_depth.png"
         save_depth_png(result.depth_png, result.depth, scale=1000.0)
     if "segmentation" in models.folders:
         pipe = models.pipeline("segmentation")
-        size = int(models.setting("segmentation", "data", "size", 64))
-        labels = pipe(photo.resize((size, size), Image.Resampling.LANCZOS), output_type="pt").prediction[0].cpu()
-        result.labels = resized_prediction(labels, photo.size, "nearest").astype(np.uint8)
-        result.overlay = pipe.overlay(photo, result.labels)
+        result.labels = pipe(photo).prediction[0].astype(np.uint8)  # class ids, H x W
+        result.overlay = pipe.image_processor.overlay_segmentation(photo, result.labels)
         result.labels_png = out_dir / f"{stem}_labels.png"
         save_image(Image.fromarray(result.labels), result.labels_png)
     return result
@@ -231,16 +227,12 @@ def grounding(models: Models, image: str | Path, text: str, seed: int = 0) -> Gr
     if not text or not text.strip():
         raise UserError("no referring expression: type one, e.g. \"the small red cube\"")
     pipe = models.pipeline("grounding")
-    size = pipe.host.preprocess(torch.zeros(1, 3, 8, 8)).shape[-1]  # the host's input side
-    pixels = np.asarray(photo.resize((size, size), Image.Resampling.LANCZOS), dtype=np.float32)
-    batch = torch.from_numpy(pixels).permute(2, 0, 1)[None] / 127.5 - 1  # (1, 3, size, size) in [-1, 1]
-    out = pipe(batch, [text.strip()], torch.Generator().manual_seed(seed), top_k=1)
+    out = pipe(photo, [text.strip()], torch.Generator().manual_seed(seed), top_k=1)  # boxes and masks in the photo's pixels
     x1, y1, x2, y2 = out.boxes[0, 0].tolist()
-    width, height = photo.size
-    box = (round(x1 * width), round(y1 * height), max(round(x2 * width), round(x1 * width) + 1), max(round(y2 * height), round(y1 * height) + 1))
+    box = (round(x1), round(y1), max(round(x2), round(x1) + 1), max(round(y2), round(y1) + 1))
     mask = trajectory = None
     if out.masks is not None:
-        mask = resized_prediction(out.masks[0, 0].clamp(0, 1).cpu(), photo.size, "bilinear")
+        mask = out.masks[0][0].clamp(0, 1).cpu().numpy()  # H x W at the photo's size
         layers = [to_pil(m[0, 0].clamp(0, 1), value_range=(0, 1)) for m in out.trajectory_masks]
         trajectory = make_grid(layers, labels=[f"layer {i}" for i in range(len(layers))])
     return Grounding(photo, box, float(out.scores[0, 0]), mask, trajectory)
@@ -280,7 +272,10 @@ def write_gallery(models: Models, folder: Path) -> list[ExamplePair]:
     size = int(models.setting("in_context", "data", "size", 64))
     texts = models.setting("in_context", "model", "task_texts", {}) or {}  # the tiny recipe's texts for forward tasks
     folder.mkdir(parents=True, exist_ok=True)
-    cards = sorted((load_task(name) for name in list_tasks()), key=lambda card: (not card.seen_in_training, card.name))
+    # Trained or unseen: the tasks of the recipe that made the in-context model.
+    recipe = models.folders["in_context"].recipe if "in_context" in models.folders else None
+    trained = set(recipe.tasks) if recipe else set()
+    cards = sorted((load_task(name) for name in list_tasks()), key=lambda card: (card.name not in trained, card.name))
     pairs = []
     for card in cards:
         card = card.model_copy(update={"text": texts[card.name]}) if card.name in texts else card
@@ -290,7 +285,7 @@ def write_gallery(models: Models, folder: Path) -> list[ExamplePair]:
             for key in ("example_source", "example_target", "query"):
                 paths[key] = folder / f"{card.name}_{k}_{key}.png"
                 save_image(Image.fromarray(triplet[key]), paths[key])
-            pairs.append(ExamplePair(card.name, card.seen_in_training, paths["example_source"], paths["example_target"], paths["query"], triplet["caption"]))
+            pairs.append(ExamplePair(card.name, card.name in trained, paths["example_source"], paths["example_target"], paths["query"], triplet["caption"]))
     return pairs
 
 

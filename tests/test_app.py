@@ -17,6 +17,7 @@ from incontext_diffusion.core.components import save_components  # noqa: E402
 from incontext_diffusion.core.head import load_head  # noqa: E402
 from incontext_diffusion.core.images import depth_to_uint16, load_map, load_rgb, save_image  # noqa: E402
 from incontext_diffusion.core.tiny import micro_components  # noqa: E402
+from incontext_diffusion.data.synthscenes import caption_vocabulary  # noqa: E402
 from incontext_diffusion.core.trainer import train  # noqa: E402
 from incontext_diffusion.data.synthscenes import render_scene  # noqa: E402
 from incontext_diffusion.errors import UserError  # noqa: E402
@@ -36,7 +37,7 @@ def build_micro_models(root: Path) -> dict[str, Path]:
         return out
 
     backbone = root / "backbone"  # a StableDiffusionPipeline folder: the text-to-image tab's model too
-    save_components(micro_components(root / "tokenizer"), backbone)
+    save_components(micro_components(caption_vocabulary(), root / "tokenizer"), backbone)
     mp = [f"backbone={backbone}", "data.held_out=2", "model.num_prompts=4"]
     mask_vae = run("diff_prompt_mask_vae-tiny", "mask_vae", "model.block_out_channels=[4, 8]")
     dit = run("diff_prompt_dit-tiny", "dit", f"model.mask_vae={mask_vae}", "model.patch_size=4", "model.hidden_size=16", "model.clip_width=16",
@@ -44,7 +45,7 @@ def build_micro_models(root: Path) -> dict[str, Path]:
     host = run("grounding_host-tiny", "host", "model.embed_dim=8", "model.num_heads=[2, 2]", "model.bert_width=8", "model.bert_layers=2", "model.head_dim=8")
     return {
         "text_to_image": backbone,
-        "in_context": run("prompt_diffusion-tiny", "pd", f"backbone={backbone}", "data.size=32", "model.train_vae_decoder=false", "model.validation_steps=1"),
+        "in_context": run("prompt_diffusion-tiny", "pd", f"backbone={backbone}", "data.size=64", "model.train_vae_decoder=false", "model.validation_steps=1"),
         "depth": run("meta_prompts_depth-tiny", "depth", *mp, "model.decoder_channels=8", "model.deconv_filters=8"),
         "segmentation": run("meta_prompts_seg-tiny", "seg", *mp, "model.channels=8", "model.auxiliary_channels=8"),
         "grounding": run("diff_prompt_grounding-tiny", "dp", f"model.host={host}", f"model.prompt_generator={dit}", "model.depth=2",
@@ -90,12 +91,12 @@ def test_models_are_sorted_into_tabs_by_their_pipeline(micro_models, tmp_path):
 def test_depth_tab_files_hold_the_pipelines_predictions(models, scene_png, tmp_path):
     result = app.depth_and_segmentation(models, scene_png, tmp_path / "out")
     photo = load_rgb(scene_png)
-    depth = models.pipeline("depth")(photo).prediction[0, :, :, 0]  # the pipeline itself, at the model's size
+    depth = models.pipeline("depth")(photo).prediction[0, :, :, 0]  # the pipeline itself
     np.testing.assert_array_equal(load_map(result.depth_png), depth_to_uint16(depth, 1000.0))  # millimetres, 16 bit
     assert load_map(result.depth_png).dtype == np.uint16 and result.depth_colored.size == (64, 64)
     labels = models.pipeline("segmentation")(photo).prediction[0]
     np.testing.assert_array_equal(load_map(result.labels_png), labels)
-    assert np.array_equal(np.asarray(result.overlay), np.asarray(models.pipeline("segmentation").overlay(photo, labels)))
+    assert np.array_equal(np.asarray(result.overlay), np.asarray(models.pipeline("segmentation").image_processor.overlay_segmentation(photo, labels)))
 
 
 def test_depth_tab_answers_at_the_inputs_size(models, tmp_path):
@@ -107,7 +108,7 @@ def test_depth_tab_answers_at_the_inputs_size(models, tmp_path):
 
 
 def test_in_context_tab_is_the_pipeline_with_progress(models, tmp_path):
-    triplet = synthetic_triplet(1_000_000, load_task("image_to_depth"), 32, "layout")
+    triplet = synthetic_triplet(1_000_000, load_task("image_to_depth"), 64, "layout")
     paths = []
     for key in ("example_source", "example_target", "query"):
         paths.append(tmp_path / f"{key}.png")
@@ -118,7 +119,7 @@ def test_in_context_tab_is_the_pipeline_with_progress(models, tmp_path):
     pipe = models.pipeline("in_context")
     direct = pipe("", triplet["query"], [triplet["example_source"], triplet["example_target"]], num_inference_steps=3, guidance_scale=2.0,
                   generator=torch.Generator().manual_seed(5)).images[0]
-    assert output.size == (32, 32) and np.array_equal(np.asarray(output), np.asarray(direct))
+    assert output.size == (64, 64) and np.array_equal(np.asarray(output), np.asarray(direct))
     other_seed = app.in_context(models, *paths, prompt="", steps=3, guidance=2.0, seed=6)
     assert not np.array_equal(np.asarray(other_seed), np.asarray(output))
 
@@ -163,9 +164,9 @@ def test_bad_uploads_get_one_clear_message(models, tmp_path):
 
 def test_gallery_has_held_out_pairs_for_every_task(models, tmp_path):
     pairs = app.write_gallery(models, tmp_path)
-    assert [p.task for p in pairs[:: app.GALLERY_SEEDS]] == sorted(list_tasks(), key=lambda n: (not load_task(n).seen_in_training, n))
+    assert [p.task for p in pairs[:: app.GALLERY_SEEDS]] == sorted(list_tasks(), key=lambda n: (n not in load_recipe("prompt_diffusion-tiny").tasks, n))
     assert {p.seen_in_training for p in pairs} == {True, False}  # the six trained tasks and the unseen ones
-    first = synthetic_triplet(1_000_000, load_task(pairs[0].task), 32, "layout")  # the PD model's size
+    first = synthetic_triplet(1_000_000, load_task(pairs[0].task), 64, "layout")  # the PD model's size
     assert np.array_equal(load_map(pairs[0].source), first["example_source"]) and np.array_equal(load_map(pairs[0].query), first["query"])
     seg = next(p for p in pairs if p.task == "image_to_seg")
     assert seg.text == ""  # the tiny recipe's text for forward tasks
