@@ -146,14 +146,6 @@ def read_image(path: str | Path | None, label: str) -> Image.Image:
     return image
 
 
-def resized_prediction(values: torch.Tensor, size: tuple[int, int], mode: str) -> np.ndarray:
-    """(H, W) model output -> (height, width) numpy at `size` (width, height): outputs come back at the input's size."""
-    if values.shape == (size[1], size[0]):
-        return values.numpy()
-    resized = torch.nn.functional.interpolate(values[None, None].float(), size=(size[1], size[0]), mode=mode)
-    return resized[0, 0].to(values.dtype).numpy()
-
-
 # ------------------------------------------------------------------------------- the tabs' work
 def in_context(models: Models, source: str | Path, target: str | Path, query: str | Path, prompt: str = "", steps: int = 20,
                guidance: float | None = None, seed: int = 0, progress: Progress | None = None) -> Image.Image:
