@@ -138,8 +138,8 @@ def test_infer_and_eval_use_the_exported_defaults_and_flags_override_them(model_
     assert seen and set(seen) == {(2, 2.5)}  # the config's, in infer and eval alike
     assert (evaluation["steps"], evaluation["guidance_scale"]) == (2, 2.5)
     seen.clear()
-    commands.infer(InferOptions(model=model_dir, out=tmp_path / "out.png", example=(source, target), query=query, steps=1, guidance=3.0))
-    commands.evaluate(EvalOptions(model=model_dir, out=tmp_path / "eval", tasks=["image_to_depth"], num_samples=2, steps=1, guidance=3.0))
+    commands.infer(InferOptions(model=model_dir, out=tmp_path / "out2.png", example=(source, target), query=query, steps=1, guidance=3.0))
+    commands.evaluate(EvalOptions(model=model_dir, out=tmp_path / "eval2", tasks=["image_to_depth"], num_samples=2, steps=1, guidance=3.0))
     assert set(seen) == {(1, 3.0)}
 
 
