@@ -94,6 +94,7 @@ def test_icd_convert_sets_the_conditioning_range(micro, tmp_path, monkeypatch, c
                            "--config", str(base_dir), "--conditioning-range", "[0,1]")
     assert code == 0, err
     assert load_pipeline(tmp_path / "port").config.conditioning_range == "[0, 1]"
+    capsys.readouterr()  # the loading bars of the check above are not the next command's
     code, _, err = run_icd(monkeypatch, capsys, "convert", "prompt-diffusion", str(tmp_path / "weights.safetensors"), str(tmp_path / "bad"),
                            "--config", str(base_dir), "--conditioning-range", "0..1")
     assert code == 2 and "--conditioning-range '0..1' is not known" in err and len(err.strip().splitlines()) == 1
