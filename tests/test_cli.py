@@ -1,6 +1,5 @@
 """The `icd` command line: help, recipes, info, and one clear line with exit code 2 for user errors."""
 
-import sys
 import time
 from importlib.metadata import version
 
@@ -11,17 +10,7 @@ from incontext_diffusion.core import components, hub
 from incontext_diffusion.errors import UserError
 from incontext_diffusion.recipes import apply_overrides, load_recipe
 
-
-def run_icd(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """Run `icd ARGS` in-process; return (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["icd", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
+from cli_helpers import run_icd
 
 
 def assert_one_line_error(code: int, err: str, *fragments: str) -> None:

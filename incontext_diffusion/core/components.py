@@ -118,6 +118,25 @@ def check_no_pickle_needed(path: Path, trust_pickle: bool) -> None:
         raise UserError(f"{path} is not a readable checkpoint ({type(err).__name__}): check the file") from None
 
 
+def read_checkpoint_tensors(path: Path, trust_pickle: bool = False, pick: tuple[str, ...] = ("state_dict",)) -> dict[str, torch.Tensor]:
+    """The tensors of a `.safetensors` file, or of a torch checkpoint (its first entry among `pick` that
+    is a dict, else the whole dict), read with weights_only unless the user trusts the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist: check the path")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    check_no_pickle_needed(path, trust_pickle)
+    loaded = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    if isinstance(loaded, dict):
+        loaded = next((loaded[k] for k in pick if isinstance(loaded.get(k), dict)), loaded)
+    if not isinstance(loaded, dict):
+        raise UserError(f"{path} holds no state dict: pass the released checkpoint")
+    return {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
+
+
 def check_safetensors_file(path: Path) -> None:
     """A `.safetensors` file whose header reads (a truncated or foreign file fails here, not later)."""
     from safetensors import safe_open

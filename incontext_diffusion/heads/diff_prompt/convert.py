@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ...core.checkpoints import atomic_export
-from ...core.components import check_no_pickle_needed
+from ...core.components import read_checkpoint_tensors
 from ...errors import UserError
 from .dit import MaskDiT
 
@@ -34,25 +34,6 @@ OFFICIAL_MASK_VAE = dict(  # unique_vae/models/mask_vanilla_vae_v2.py
     block_out_channels=(4, 8, 16, 16), layers_per_block=2, latent_channels=4, norm_num_groups=2, sample_size=256,
 )
 DIT_RENAMES = [(re.compile(r"^x_embedder\.proj\."), "x_embedder."), (re.compile(r"\.mlp\.fc1\."), ".mlp.0."), (re.compile(r"\.mlp\.fc2\."), ".mlp.2.")]
-
-
-def read_tensors(path: Path, trust_pickle: bool, pick: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """The tensors of a .safetensors file, or of a torch checkpoint (the first of `pick` it holds, else the whole dict);
-    a checkpoint that needs unpickling is refused unless trusted."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist: check the path")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    check_no_pickle_needed(path, trust_pickle)
-    loaded = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
-    if isinstance(loaded, dict):
-        loaded = next((loaded[k] for k in pick if isinstance(loaded.get(k), dict)), loaded)
-    if not isinstance(loaded, dict):
-        raise UserError(f"{path} holds no state dict: pass the released checkpoint")
-    return {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
 
 
 def _folder_weights(folder: Path, names: tuple[str, ...]) -> tuple[dict, Path]:
@@ -99,7 +80,7 @@ def convert_mask_vae(source: Path, trust_pickle: bool = False):
     if config.get("in_channels") != 1 or config.get("out_channels") != 1:
         raise UserError(f"{source} is not a one-channel Mask-VAE (in/out channels {config.get('in_channels')}/{config.get('out_channels')}): pass oaaoaa/mask_vae")
     vae = AutoencoderKL(**config)
-    _load_strict(vae, mask_vae_state(read_tensors(weights, trust_pickle, ("state_dict",))), f"Mask-VAE {source}")
+    _load_strict(vae, mask_vae_state(read_checkpoint_tensors(weights, trust_pickle, ("state_dict",))), f"Mask-VAE {source}")
     return vae.eval()
 
 
@@ -150,7 +131,7 @@ def convert_dit(source: Path, trust_pickle: bool = False, num_heads: int | None 
         config, weights = _folder_weights(source, ("model.safetensors",))
     else:
         weights = source
-    state = read_tensors(weights, trust_pickle, ("ema", "model"))  # find_model in the official code prefers "ema"
+    state = read_checkpoint_tensors(weights, trust_pickle, ("ema", "model"))  # find_model in the official code prefers "ema"
     if "x_embedder.proj.weight" not in state:
         raise UserError(f"{source} has no x_embedder.proj.weight: not an official Diff-Prompt DiT (oaaoaa/mask_dit or a DiT-main checkpoint)")
     heads = num_heads or config.get("num_heads") or 8  # DiT-My/2 has 8

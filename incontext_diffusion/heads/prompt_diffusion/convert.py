@@ -19,7 +19,7 @@ import torch
 from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint, convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
 from ...core.checkpoints import atomic_export
-from ...core.components import Components, check_no_pickle_needed, load_components
+from ...core.components import Components, load_components, read_checkpoint_tensors
 from ...errors import UserError
 from .controlnet import PromptDiffusionControlNetModel
 from .head import make_pipeline
@@ -29,20 +29,8 @@ HINT_BLOCKS = {"input_hint_block": "controlnet_cond_embedding", "input_cond_bloc
 
 
 def load_state_dict(path: Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """Tensors of a `.safetensors` file, or of a `.ckpt` read with weights_only unless trusted."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist: check the path")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    check_no_pickle_needed(path, trust_pickle)
-    loaded = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
-    state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
-    if not isinstance(state, dict):
-        raise UserError(f"{path} holds no state dict: pass the original Prompt Diffusion checkpoint")
-    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    """Tensors of a `.safetensors` file, or of a `.ckpt` (its `state_dict`) read with weights_only unless trusted."""
+    return read_checkpoint_tensors(path, trust_pickle, ("state_dict",))
 
 
 def with_prefix(state: dict, prefix: str) -> dict:
