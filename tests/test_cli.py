@@ -1,5 +1,6 @@
 """The `icd` command line: help, recipes, info, and one clear line with exit code 2 for user errors."""
 
+import sys
 import time
 from importlib.metadata import version
 
