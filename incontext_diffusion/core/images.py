@@ -17,7 +17,9 @@ and the fix. Conventions:
 import os
 import uuid
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -236,19 +238,27 @@ def check_output_target(path: PathLike, *, overwrite: bool = False) -> Path:
     return check_output_path(path, overwrite=overwrite, what="--out") if path.suffix else check_output_folder(path, what="--out")
 
 
-def write_text_atomic(path: PathLike, text: str) -> None:
-    """Write a small text file (results, state) through a temp file and a rename; OSErrors name the path."""
-    path = Path(path)
+@contextmanager
+def atomic_write(path: Path) -> Iterator[Path]:
+    """A hidden temp path beside `path` to write; renamed over `path` only when the block completes
+    (so a crash never leaves a half-written file), removed otherwise. OSErrors name the path."""
+    # Same folder, so os.replace is a rename on one file system; the leading dot hides it from list_images.
     temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        temp.write_text(text)
+        yield temp
         os.replace(temp, path)
     except OSError as error:
         raise user_os_error(error, path) from None
     finally:
         if temp.exists():
             temp.unlink()
+
+
+def write_text_atomic(path: PathLike, text: str) -> None:
+    """Write a small text file (results, state) through a temp file and a rename; OSErrors name the path."""
+    with atomic_write(Path(path)) as temp:
+        temp.write_text(text)
 
 
 def save_image(image: Image.Image, path: PathLike, *, overwrite: bool = False) -> None:
@@ -267,21 +277,11 @@ def save_image(image: Image.Image, path: PathLike, *, overwrite: bool = False) -
         )
     if path.exists() and not overwrite:
         raise UserError(f"'{path}' already exists: pass --overwrite to replace it, or choose another path")
-    # Same folder, so os.replace is a rename on one file system; the leading dot hides it from
-    # list_images. open(..., "xb") keeps the usual permissions (unlike mkstemp's 0600).
-    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(temp, "xb") as file:
-            image.save(file, format=image_format)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-    except OSError as error:
-        raise user_os_error(error, path) from None
-    finally:
-        if temp.exists():
-            temp.unlink()
+    # open(..., "xb") keeps the usual permissions (unlike mkstemp's 0600).
+    with atomic_write(path) as temp, open(temp, "xb") as file:
+        image.save(file, format=image_format)
+        file.flush()
+        os.fsync(file.fileno())
 
 
 def to_tensor(image: Image.Image, value_range: tuple[float, float] = (-1.0, 1.0)) -> torch.Tensor:
