@@ -40,3 +40,19 @@ def small_filesystem(folder: Path, size: str = "256k", read_only: bool = False):
         yield True
     finally:
         subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def kill_at_first_checkpoint(command: list[str], run_dir: Path, env: dict, timeout: float) -> None:
+    """Start `python -m incontext_diffusion COMMAND`, SIGKILL it once `run_dir` holds a checkpoint."""
+    import signal
+    import time
+
+    from incontext_diffusion.core import checkpoints
+
+    process = subprocess.Popen([sys.executable, "-m", "incontext_diffusion", *command], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not checkpoints.list_checkpoints(run_dir) and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()

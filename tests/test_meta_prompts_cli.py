@@ -47,14 +47,20 @@ def recipe_file(tmp_path: Path, backbone: Path, task: str, **model) -> Path:
     return path
 
 
+def groups_of(recipe_path) -> tuple:
+    """The trainable model of a recipe and, per parameter id, its group's lr and weight decay (at base lr 1e-3)."""
+    head = load_head(load_recipe(str(recipe_path)))
+    head.build()
+    model = head.trainable()
+    groups = head.parameter_groups(model, 1e-3)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    decay_of = {id(p): g.get("weight_decay") for g in groups for p in g["params"]}
+    return model, lr_of, decay_of
+
+
 def test_parameter_groups_give_the_unet_the_reduced_lr(tmp_path, backbone):
     for task, scale in (("depth", 0.01), ("segmentation", 0.1)):
-        head = load_head(load_recipe(str(recipe_file(tmp_path, backbone, task))))
-        head.build()
-        model = head.trainable()
-        groups = head.parameter_groups(model, 1e-3)
-        lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
-        decay_of = {id(p): g.get("weight_decay") for g in groups for p in g["params"]}
+        model, lr_of, decay_of = groups_of(recipe_file(tmp_path, backbone, task))
         unet = model.backbone.unet
         assert lr_of[id(unet.conv_in.weight)] == pytest.approx(1e-3 * scale)
         assert lr_of[id(unet.up_blocks[1].attentions[0].norm.weight)] == pytest.approx(1e-3 * scale)  # norms too (official quirk fixed)
@@ -65,12 +71,7 @@ def test_parameter_groups_give_the_unet_the_reduced_lr(tmp_path, backbone):
 
 
 def test_mmcv_parameter_groups_as_the_official_segmentation(tmp_path, backbone):
-    head = load_head(load_recipe(str(recipe_file(tmp_path, backbone, "segmentation", parameter_groups="mmcv"))))
-    head.build()
-    model = head.trainable()
-    groups = head.parameter_groups(model, 1e-3)
-    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
-    decay_of = {id(p): g.get("weight_decay") for g in groups for p in g["params"]}
+    model, lr_of, decay_of = groups_of(recipe_file(tmp_path, backbone, "segmentation", parameter_groups="mmcv"))
     unet = model.backbone.unet
     attention = unet.up_blocks[1].attentions[0]
     for norm in (attention.norm.weight, attention.transformer_blocks[0].norm2.bias):  # "norm" in their ldm names

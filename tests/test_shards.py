@@ -3,7 +3,6 @@
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -15,11 +14,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from incontext_diffusion.core import checkpoints
 from incontext_diffusion.core.head import Head
 from incontext_diffusion.core.shards import ShardStream, flatten, rebuild, write_shards
 from incontext_diffusion.errors import UserError
 from incontext_diffusion.recipes import Recipe
+
+from cli_helpers import kill_at_first_checkpoint
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
 SAMPLES = 30
@@ -188,13 +188,7 @@ def test_icd_trains_from_shards_and_resumes_after_sigkill_with_identical_weights
     assert straight.returncode == 0, straight.stderr
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, "-m", "incontext_diffusion", *train, "--set", f"output_dir={killed}"],
-                               env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not checkpoints.list_checkpoints(killed) and time.time() < deadline:
-        time.sleep(0.02)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_at_first_checkpoint([*train, "--set", f"output_dir={killed}"], killed, ENV, timeout=300)
     assert not (killed / "model").exists(), "the run finished before it could be killed"
     resumed = subprocess.run([sys.executable, "-m", "incontext_diffusion", *train, "--set", f"output_dir={killed}", "--resume", "latest"],
                              env=ENV, capture_output=True, text=True)

@@ -2,10 +2,8 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +17,8 @@ from incontext_diffusion.core.head import Head
 from incontext_diffusion.core.trainer import train
 from incontext_diffusion.errors import UserError
 from incontext_diffusion.recipes import Recipe
+
+from cli_helpers import kill_at_first_checkpoint
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
 MICRO = ["--recipe", "tiny_ldm-micro", "--set", "train.max_steps=8", "--set", "train.checkpoint_every=2"]
@@ -56,15 +56,7 @@ def test_resume_after_sigkill_gives_identical_weights(tmp_path):
     assert sorted(p.name for p in (run / "samples").glob("*.png")) == ["step-000003.png", "step-000006.png", "step-000008.png"]
 
     killed_dir = tmp_path / "killed"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "incontext_diffusion", "train", *MICRO, "--set", f"output_dir={killed_dir}"],
-        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 120
-    while not checkpoints.list_checkpoints(killed_dir) and time.time() < deadline:
-        time.sleep(0.02)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_at_first_checkpoint(["train", *MICRO, "--set", f"output_dir={killed_dir}"], killed_dir, ENV, timeout=120)
     assert not (killed_dir / "model").exists(), "the run finished before it could be killed"
     kept = checkpoints.list_checkpoints(killed_dir)
     assert kept and int(kept[-1].name.split("-")[1]) < 8
