@@ -45,7 +45,7 @@ def build_micro_models(root: Path) -> dict[str, Path]:
     host = run("grounding_host-tiny", "host", "model.embed_dim=8", "model.num_heads=[2, 2]", "model.bert_width=8", "model.bert_layers=2", "model.head_dim=8")
     return {
         "text_to_image": backbone,
-        "in_context": run("prompt_diffusion-tiny", "pd", f"backbone={backbone}", "data.size=64", "model.train_vae_decoder=false", "model.validation_steps=1"),
+        "in_context": run("prompt_diffusion-tiny", "pd", f"backbone={backbone}", "data.size=64", "model.validation_steps=1"),
         "depth": run("meta_prompts_depth-tiny", "depth", *mp, "model.decoder_channels=8", "model.deconv_filters=8"),
         "segmentation": run("meta_prompts_seg-tiny", "seg", *mp, "model.channels=8", "model.auxiliary_channels=8"),
         "grounding": run("diff_prompt_grounding-tiny", "dp", f"model.host={host}", f"model.prompt_generator={dit}", "model.depth=2",

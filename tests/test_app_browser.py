@@ -26,13 +26,16 @@ WAIT = 600  # seconds: the 2 CPU cores (and the disk) this runs on may be shared
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory) -> list[str]:
-    """Micro models for the tabs the shipped zoo lacks; the shipped backbone for text-to-image."""
-    from test_app import build_micro_models
+    """The shipped zoo's model for each tab (what `icd app` shows by default); micro models for the tabs it lacks."""
+    from incontext_diffusion import app
 
-    micro = build_micro_models(tmp_path_factory.mktemp("browser_models"))
-    shipped = ROOT / "assets" / "tiny-ldm"
-    return [str(shipped if capability == "text_to_image" and (shipped / "model_index.json").is_file() else path)
-            for capability, path in micro.items()]
+    shipped = {capability: folder.path for capability, folder in app.find_models([]).items()}
+    missing = set(app.CAPABILITIES.values()) - set(shipped)
+    if missing:
+        from test_app import build_micro_models
+
+        shipped = {**build_micro_models(tmp_path_factory.mktemp("browser_models")), **shipped}
+    return [str(path) for path in shipped.values()]
 
 
 @pytest.fixture(scope="module")
@@ -143,13 +146,14 @@ def test_depth_tab_and_in_context_generation_in_the_browser(app_url, browser, mo
     expected = app.depth_and_segmentation(models, PHOTO, tmp_path / "expected")
     assert depth_colored.shape[:2] == (256, 384)  # the photo's size
     assert_not_blank(depth_colored)
-    np.testing.assert_array_equal(depth_colored[..., :3], np.asarray(expected.depth_colored))
+    # The app process and this one may use other thread counts: float sums differ in the last bits.
+    assert np.abs(depth_colored[..., :3].astype(int) - np.asarray(expected.depth_colored)).max() <= 1
     assert_not_blank(overlay)
     assert overlay[..., :3].std() > 10  # the photo shows through the class colours
     link = wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#depth-png a[download='coffee_cc0_depth.png']"), "the 16-bit PNG's link")[0]
     with urllib.request.urlopen(link.get_attribute("href")) as response:
         downloaded = np.asarray(Image.open(io.BytesIO(response.read())))
-    np.testing.assert_array_equal(downloaded, load_map(expected.depth_png))  # millimetres, 16 bit
+    np.testing.assert_allclose(downloaded, load_map(expected.depth_png), rtol=1e-3, atol=1)  # millimetres, 16 bit
     browser.save_screenshot(str(SCREENSHOTS / "app_depth.png"))
 
     # In-context generation: one click on the gallery's first pair fills the inputs; generate.

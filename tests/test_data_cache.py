@@ -10,7 +10,7 @@ from incontext_diffusion.core.cache import load_cache, write_cache
 from incontext_diffusion.errors import UserError
 from incontext_diffusion.recipes import load_recipe
 
-SETTINGS = ["data.size=32", "data.num_samples=8", "model.train_vae_decoder=false", "train.batch_size=4", "train.max_steps=2",
+SETTINGS = ["data.size=32", "data.num_samples=8", "train.batch_size=4", "train.max_steps=2",
             "train.checkpoint_every=2", "train.validate_every=100", "train.log_every=1", "model.validation_steps=1"]
 
 

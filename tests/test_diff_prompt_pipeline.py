@@ -102,15 +102,17 @@ def test_eval_tables_count_hits_by_hand(chain, tmp_path, monkeypatch):
         first = len(calls)
         calls.extend(prompt)
         boxes = [FAKE_GT[first + i] * size if (first + i) % 2 == 0 else torch.tensor([0.0, 0.0, 1.0, 1.0]) for i in range(len(prompt))]
-        return SimpleNamespace(boxes=torch.stack(boxes)[:, None], scores=torch.ones(len(prompt), 1))
+        # A Diff-Prompt model also returns the DiT's masks: right for the same expressions (once FAKE_MASKS is set).
+        masks = torch.stack([FAKE_MASKS[first + i] if (first + i) % 2 == 0 else torch.zeros_like(FAKE_MASKS[0]) for i in range(len(prompt))]) if FAKE_MASKS else None
+        return SimpleNamespace(boxes=torch.stack(boxes)[:, None], scores=torch.ones(len(prompt), 1), masks=masks)
 
     samples = commands._eval_splits(EvalOptions(model=chain["vpt"], out=tmp_path, num_samples=2, tasks=["all"]), 32)["all"]
-    FAKE_GT[:] = [torch.tensor(s.box) for s in samples]
+    FAKE_GT[:], FAKE_MASKS[:] = [torch.tensor(s.box) for s in samples], []
     monkeypatch.setattr(DiffPromptGroundingPipeline, "__call__", fake_grounding)
     table = commands.eval_grounding(EvalOptions(model=chain["vpt"], out=tmp_path / "eval", num_samples=2, tasks=["all"], batch_size=3))
     hits = (len(samples) + 1) // 2  # expressions 0, 2, 4, ... get their own box; a 1-px box at the corner hits none
     assert table["all R@1"] == table["all UB"] == hits / len(samples) and table["all expressions"] == len(samples)
-    assert table["method"] == "vpt_deep" and table["images_per_second"] > 0
+    assert table["method"] == "vpt_deep" and table["images_per_second"] > 0 and "all mask IoU" not in table  # no masks, no mask score
 
     def fake_masks(self, image, prompt, num_inference_steps=None, generator=None, **_):
         first = len(calls)
@@ -123,6 +125,9 @@ def test_eval_tables_count_hits_by_hand(chain, tmp_path, monkeypatch):
     monkeypatch.setattr(DiffPromptMaskPipeline, "__call__", fake_masks)
     masks = commands.eval_mask_generation(EvalOptions(model=chain["dit"], out=tmp_path / "eval2", num_samples=2, tasks=["all"], batch_size=3))
     assert masks["all mask IoU"] == pytest.approx(hits / len(samples)) and masks["ddim_steps"] == 4  # the exported default
+    calls.clear()
+    with_masks = commands.eval_grounding(EvalOptions(model=chain["vpt"], out=tmp_path / "eval4", num_samples=2, tasks=["all"], batch_size=3))
+    assert with_masks["all mask IoU"] == pytest.approx(hits / len(samples))  # empty masks score 0 against a non-empty truth
     monkeypatch.setattr("incontext_diffusion.heads.diff_prompt.mask_vae.reconstruct", lambda vae, m: 1 - m)  # every pixel wrong
     vae = commands.eval_mask_vae(EvalOptions(model=chain["vae"], out=tmp_path / "eval3", num_samples=2, tasks=["all"]))
     assert vae["all reconstruction IoU"] == 0 and vae["all masks"] == len(samples)

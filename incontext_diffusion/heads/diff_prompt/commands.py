@@ -141,10 +141,11 @@ def _meter(pipe, options):
 
 
 def eval_grounding(options) -> dict:
-    """R@1 / R@5 / UB (GIoU >= 0.5, official) and the same with IoU, per split; DDIM steps default to the exported ddim_steps."""
+    """R@1 / R@5 / UB (GIoU >= 0.5, official) and the same with IoU, per split; DDIM steps default to the exported ddim_steps.
+    A Diff-Prompt model also scores the IoU of the mask its DiT generated (the stage-2 figure of a folder holding all stages)."""
     import torch
 
-    from ...metrics.grounding import GroundingRecall
+    from ...metrics.grounding import GroundingRecall, mask_iou
     from .pipeline import DiffPromptGroundingPipeline
 
     pipe = _pipeline(DiffPromptGroundingPipeline, options)
@@ -152,14 +153,18 @@ def eval_grounding(options) -> dict:
     generator = torch.Generator().manual_seed(options.seed)
     results: dict = {"method": pipe.prompts.method, "ddim_steps": options.steps or pipe.config.ddim_steps}
     for split, samples in _eval_splits(options, eval_samples_size(pipe)).items():
-        metric = GroundingRecall()
+        metric, ious = GroundingRecall(), []
         for batch in _batches(samples, options.batch_size or DEFAULT_BATCH):
             with meter.timed(len(batch["texts"])):
                 out = pipe(batch["images"], batch["texts"], generator, top_k=None, num_inference_steps=options.steps)
             size = batch["images"].shape[-1]
             for boxes, scores, gt in zip(out.boxes, out.scores, batch["boxes"]):
                 metric.update(boxes / size, gt, scores)  # pixels -> normalised, like the ground truth
+            if out.masks is not None and batch["masks"] is not None:  # RefCOCO samples without a mask score boxes only
+                ious += [mask_iou(m.cpu(), g) for m, g in zip(out.masks, batch["masks"])]
         results.update({f"{split} {k}": v for k, v in metric.compute().items()} | {f"{split} expressions": len(samples)})
+        if ious:
+            results[f"{split} mask IoU"] = sum(ious) / len(ious)
     return results | meter.results()
 
 

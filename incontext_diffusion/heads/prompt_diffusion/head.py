@@ -5,11 +5,6 @@ Per the spec's decisions: uniform task sampling; condition dropout text 10 %, ex
 both together 5 %, the query never; pair and query in [-1, 1] by default; Stable Diffusion frozen
 unless `train_unet_decoder: true` (the UNet decoder, ldm `output_blocks` and `out`, then trains
 too, as the official run did); eps-MSE loss. Randomness is drawn in the forward, in step order.
-
-`train_vae_decoder: true` (a deviation, for backbones whose VAE never saw condition maps, like the
-tiny one trained on RGB scenes only) adds a reconstruction loss that teaches the VAE decoder to
-decode the encoder's latents of the training targets; the encoder, and so the latent space the
-UNet knows, stays frozen.
 """
 
 from __future__ import annotations
@@ -40,8 +35,6 @@ class PromptDiffusionOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     conditioning_range: Literal["[-1, 1]", "[0, 1]"] = "[-1, 1]"  # [-1, 1]: the paper; [0, 1]: diffusers' port
     train_unet_decoder: bool = False
-    train_vae_decoder: bool = False  # deviation for the tiny backbone (see the module docstring)
-    vae_decoder_samples: int = Field(4, ge=1)  # targets per batch the VAE decoder reconstructs (it runs at full resolution)
     task_texts: dict[str, str] = {}  # task name -> fixed text, replacing the task card's (e.g. for a small tokenizer)
     text_dropout: float = Field(0.10, ge=0, le=1)  # in total, including the "both" share
     pair_dropout: float = Field(0.10, ge=0, le=1)
@@ -88,8 +81,6 @@ class PromptDiffusionModel(torch.nn.Module):
         self.noise_scheduler = components.noise_scheduler
         if options.train_unet_decoder:
             self.unet = components.unet  # registered: trained in part and checkpointed
-        if options.train_vae_decoder:
-            self.vae = components.vae
         self.register_buffer("empty_ids", empty_ids, persistent=False)
 
     def forward(self, example_source, example_target, query, target, input_ids, latent_moments=None, text_embeds=None) -> torch.Tensor:
@@ -115,17 +106,7 @@ class PromptDiffusionModel(torch.nn.Module):
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         down, mid = self.controlnet(noisy, timesteps, text, controlnet_cond=pair, controlnet_query_cond=query, return_dict=False)
         prediction = unet(noisy, timesteps, text, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
-        loss = F.mse_loss(prediction.float(), noise.float())
-        if self.options.train_vae_decoder:
-            count = self.options.vae_decoder_samples
-            reconstruction = vae.decode(latents[:count] / vae.config.scaling_factor).sample
-            loss = loss + F.mse_loss(reconstruction.float(), target[:count].float())
-        return loss
-
-
-def vae_decoder_parameter_names(vae) -> list[str]:
-    """The VAE decoder: `post_quant_conv` and `decoder`."""
-    return [name for name, _ in vae.named_parameters() if name.startswith(("post_quant_conv.", "decoder."))]
+        return F.mse_loss(prediction.float(), noise.float())
 
 
 def decoder_parameter_names(unet) -> list[str]:
@@ -134,16 +115,12 @@ def decoder_parameter_names(unet) -> list[str]:
 
 
 def freeze_backbone(components: Components, options: PromptDiffusionOptions) -> None:
-    """Freeze the VAE, text encoder and UNet, except the decoders the options train."""
+    """Freeze the VAE, text encoder and UNet, except the UNet decoder when the options train it."""
     for module in (components.vae, components.text_encoder, components.unet):
         module.requires_grad_(False)
     if options.train_unet_decoder:
         decoder = set(decoder_parameter_names(components.unet))
         for name, param in components.unet.named_parameters():
-            param.requires_grad_(name in decoder)
-    if options.train_vae_decoder:
-        decoder = set(vae_decoder_parameter_names(components.vae))
-        for name, param in components.vae.named_parameters():
             param.requires_grad_(name in decoder)
 
 
@@ -188,8 +165,7 @@ class PromptDiffusionHead(Head):
         return self.model
 
     def frozen(self) -> list[torch.nn.Module]:
-        parts = [self.components.text_encoder]
-        parts += [] if self.options.train_vae_decoder else [self.components.vae]
+        parts = [self.components.text_encoder, self.components.vae]
         return parts if self.options.train_unet_decoder else parts + [self.components.unet]
 
     def train_dataset(self):
