@@ -319,10 +319,10 @@ def build_app(models: Models, work_dir: Path) -> gr.Blocks:
             else:
                 gr.Markdown("An example pair (source -> target) shows a task; the model applies it to the query.")
                 with gr.Row():
-                    source = UploadedImage(label="Example source", type="filepath", height=192, elem_id="in-context-source")
-                    target = UploadedImage(label="Example target", type="filepath", height=192, elem_id="in-context-target")
-                    query = UploadedImage(label="Query", type="filepath", height=192, elem_id="in-context-query")
-                    generated = gr.Image(label="Output", type="pil", format="png", buttons=OUTPUT_BUTTONS, height=192, interactive=False, elem_id="in-context-output")
+                    source = UploadedImage(label="Example source", type="filepath", height=192, elem_classes="pixels", elem_id="in-context-source")
+                    target = UploadedImage(label="Example target", type="filepath", height=192, elem_classes="pixels", elem_id="in-context-target")
+                    query = UploadedImage(label="Query", type="filepath", height=192, elem_classes="pixels", elem_id="in-context-query")
+                    generated = gr.Image(label="Output", type="pil", format="png", buttons=OUTPUT_BUTTONS, height=192, interactive=False, elem_classes="pixels", elem_id="in-context-output")
                 with gr.Row():
                     task = gr.Textbox(label="Task (from the gallery)", interactive=False, scale=1)
                     prompt = gr.Textbox(label="Text", placeholder="a caption for image tasks; empty for the tiny model's map tasks", scale=3)
@@ -351,9 +351,9 @@ def build_app(models: Models, work_dir: Path) -> gr.Blocks:
                     if models.missing(capability):
                         gr.Markdown(models.missing(capability))
                 with gr.Row():
-                    photo = UploadedImage(label="Photo", type="filepath", height=256, elem_id="depth-photo")
-                    depth_colored = gr.Image(label="Depth (coloured, near to far)", type="pil", format="png", buttons=OUTPUT_BUTTONS, height=256, interactive=False, elem_id="depth-colored")
-                    overlay = gr.Image(label="Segmentation overlay", type="pil", format="png", buttons=OUTPUT_BUTTONS, height=256, interactive=False, elem_id="depth-overlay")
+                    photo = UploadedImage(label="Photo", type="filepath", height=256, elem_classes="pixels", elem_id="depth-photo")
+                    depth_colored = gr.Image(label="Depth (coloured, near to far)", type="pil", format="png", buttons=OUTPUT_BUTTONS, height=256, interactive=False, elem_classes="pixels", elem_id="depth-colored")
+                    overlay = gr.Image(label="Segmentation overlay", type="pil", format="png", buttons=OUTPUT_BUTTONS, height=256, interactive=False, elem_classes="pixels", elem_id="depth-overlay")
                 with gr.Row():
                     depth_png = gr.File(label="16-bit depth PNG (millimetres)", elem_id="depth-png")
                     labels_png = gr.File(label="Label map PNG (class ids)", elem_id="labels-png")
@@ -375,9 +375,9 @@ def build_app(models: Models, work_dir: Path) -> gr.Blocks:
                 gr.Markdown(models.missing("grounding"))
             else:
                 with gr.Row():
-                    grounding_photo = UploadedImage(label="Photo", type="filepath", height=256, elem_id="grounding-photo")
-                    annotated = gr.AnnotatedImage(label="Box (with its score) and generated mask", format="png", height=256, elem_id="grounding-output")
-                    trajectory = gr.Image(label="Mask trajectory (the masks fed to the prompt layers)", type="pil", format="png", buttons=OUTPUT_BUTTONS, height=256, interactive=False, elem_id="grounding-trajectory")
+                    grounding_photo = UploadedImage(label="Photo", type="filepath", height=256, elem_classes="pixels", elem_id="grounding-photo")
+                    annotated = gr.AnnotatedImage(label="Box (with its score) and generated mask", format="png", height=256, elem_classes="pixels", elem_id="grounding-output")
+                    trajectory = gr.Image(label="Mask trajectory (the masks fed to the prompt layers)", type="pil", format="png", buttons=OUTPUT_BUTTONS, height=256, interactive=False, elem_classes="pixels", elem_id="grounding-trajectory")
                 expression = gr.Textbox(label="Referring expression", placeholder="the small red cube", elem_id="grounding-text")
                 with gr.Row():
                     grounding_seed = gr.Number(value=0, precision=0, label="Seed")
@@ -402,7 +402,7 @@ def build_app(models: Models, work_dir: Path) -> gr.Blocks:
                     t2i_guidance = gr.Slider(1.0, 15.0, value=4.0, step=0.5, label="Guidance")
                     t2i_seed = gr.Number(value=0, precision=0, label="Seed")
                 draw = gr.Button("Generate", variant="primary", elem_id="text-to-image-run")
-                picture = gr.Image(label="Image", type="pil", format="png", buttons=OUTPUT_BUTTONS, height=256, interactive=False, elem_id="text-to-image-output")
+                picture = gr.Image(label="Image", type="pil", format="png", buttons=OUTPUT_BUTTONS, height=256, interactive=False, elem_classes="pixels", elem_id="text-to-image-output")
 
                 def run_text_to_image(caption, steps, guidance, seed, progress=gr.Progress()):
                     return text_to_image(models, caption, int(steps), guidance, int(seed), gradio_progress(progress))
@@ -415,6 +415,9 @@ def build_app(models: Models, work_dir: Path) -> gr.Blocks:
 # ------------------------------------------------------------------------------------ serving
 # System fonts only: the default theme fetches web fonts, which an offline machine cannot reach.
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+# The tiny models' 32-64 px images fill their box, enlarged with hard pixel edges; what is served and
+# downloaded stays the model's own pixels.
+PIXEL_CSS = ".pixels img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }"
 
 
 @contextmanager
@@ -430,7 +433,7 @@ def serve(model_dirs: list[str | Path], host: str = "127.0.0.1", port: int | Non
     try:
         demo = build_app(models, work_dir)
         demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True, quiet=True, show_error=False,
-                    max_file_size=MAX_FILE_SIZE, theme=THEME, footer_links=[], ssr_mode=False, mcp_server=False)
+                    max_file_size=MAX_FILE_SIZE, theme=THEME, css=PIXEL_CSS, footer_links=[], ssr_mode=False, mcp_server=False)
         if preload:  # the page is up already; the models load behind it (a first request waits for them)
             models.load_all()
         yield demo.local_url

@@ -15,12 +15,26 @@ echo "== synthetic scenes -> $OUT/scenes (+ grid)"
 $ICD data synth --out "$OUT/scenes" --n 16 --size 128 --grid "$OUT/scenes_grid.png"
 echo "== text-to-image with the embedded backbone -> $OUT/tiny_ldm.png"
 $ICD infer --model assets/tiny-ldm --prompt "a large red sphere" --num-images 4 --out "$OUT/tiny_ldm.png"
-echo "== the shipped model zoo (assets/): predictions on the sample photo and 20 held-out scenes' figures"
+echo "== the shipped model zoo (assets/): predictions and held-out figures (seeds >= 1,000,000; the model cards use 100 scenes)"
+shipped() { [ -f "assets/$1/model_index.json" ] || { echo "   ($1 is not shipped in this checkout)"; return 1; }; }
 for model in tiny-meta-prompts-depth tiny-meta-prompts-seg; do
-  [ -f "assets/$model/model_index.json" ] || { echo "   ($model is not shipped in this checkout)"; continue; }
+  shipped "$model" || continue
   $ICD infer --model "$model" --image assets/samples --out "$OUT/shipped/$model"
   $ICD eval --model "$model" -n 20 --out "$OUT/shipped/${model}_eval"
 done
+if shipped tiny-prompt-diffusion; then
+  echo "== tiny-prompt-diffusion: one query under the eight example pairs (six trained tasks, two unseen) -> $OUT/shipped/tiny-prompt-diffusion_eval/in_context.png"
+  $ICD eval --model tiny-prompt-diffusion -n 4 --out "$OUT/shipped/tiny-prompt-diffusion_eval"
+fi
+if shipped tiny-diff-prompt; then
+  echo "== tiny-diff-prompt: a held-out scene and one of its referring expressions -> $OUT/shipped/tiny-diff-prompt_grid.png"
+  $ICD data synth --out "$OUT/shipped/grounding_scene" --n 1 --size 32 --seed 1000007 --min-objects 2 --max-objects 3
+  IMAGE="$OUT/shipped/grounding_scene/$(.venv/bin/python -c "import json,sys; print(json.loads(open(sys.argv[1]).readline())['file_name'])" "$OUT/shipped/grounding_scene/metadata.jsonl")"
+  TEXT=$(.venv/bin/python -c "import json,sys; print(json.loads(open(sys.argv[1]).readline())['referring'][0]['text'])" "$OUT/shipped/grounding_scene/metadata.jsonl")
+  echo "   image $IMAGE, text \"$TEXT\""
+  $ICD infer --model tiny-diff-prompt --image "$IMAGE" --text "$TEXT" --out "$OUT/shipped/tiny-diff-prompt.png" --grid
+  $ICD eval --model tiny-diff-prompt -n 20 --out "$OUT/shipped/tiny-diff-prompt_eval"
+fi
 echo "== short training runs of every head from the shipped backbone (these show that training works, not the best figures)"
 for part in scripts/demo_*.sh; do
   [ -e "$part" ] || continue

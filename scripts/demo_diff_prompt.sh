@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Diff-Prompt demo: the three stages chained on synthetic referring expressions, then infer and eval.
-# Uses models under runs/ trained ahead with the full tiny recipes when present (see docs/diff_prompt.md);
-# otherwise trains a short version of each stage here (a few minutes on 2 cores; weaker numbers).
+# Diff-Prompt demo: a short run of each of the three stages chained on synthetic referring expressions
+# (a few minutes on 2 cores; weaker figures than the shipped assets/tiny-diff-prompt), then infer and eval.
+# DIFF_PROMPT_RUNS=runs reuses models trained ahead with the full tiny recipes (see docs/diff_prompt.md).
 set -euo pipefail
 OUT=${OUT:-outputs/demo}/diff_prompt
 ICD=${ICD:-.venv/bin/icd}
-RUNS=${DIFF_PROMPT_RUNS:-runs}
+RUNS=${DIFF_PROMPT_RUNS:-$OUT/runs}
 mkdir -p "$OUT"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
@@ -41,8 +41,8 @@ TEXT=$(.venv/bin/python -c "import json; print(json.loads(open('$OUT/scene/metad
 echo "image $IMAGE, text \"$TEXT\""
 "$ICD" infer --model "$RUNS/diff_prompt_grounding-tiny/model" --image "$IMAGE" --text "$TEXT" --out "$OUT/grounding.png" --grid
 
-echo "== evaluation on held-out synthetic expressions (seeds >= 1,000,000)"
-N=${EVAL_SCENES:-100}
+echo "== evaluation on $N held-out synthetic scenes (seeds >= 1,000,000; docs/diff_prompt.md uses 100)"
+N=${EVAL_SCENES:-20}
 "$ICD" eval --model "$RUNS/diff_prompt_mask_vae-tiny/model" --num-samples "$N" --tasks all --out "$OUT/eval_mask_vae"
 "$ICD" eval --model "$RUNS/diff_prompt_dit-tiny/model" --num-samples "$N" --tasks all --out "$OUT/eval_dit"
 for model in grounding_host-tiny vpt_deep-tiny diff_prompt_grounding-tiny; do

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # MetaPrompts part of `make demo`: short depth and segmentation trainings on synthetic scenes from
 # the embedded tiny backbone, then predictions on a held-out synthetic scene and on a CC0 photo, and
-# an evaluation on 100 held-out scenes. The figures in docs/meta_prompts.md come from the full tiny
+# an evaluation on 20 held-out scenes. The figures in docs/meta_prompts.md come from the full tiny
 # recipes (same commands without the max_steps override).
 set -euo pipefail
 OUT=${OUT:-outputs/demo}
@@ -20,6 +20,6 @@ for task in depth seg; do
   cp "$(ls "$run"/samples/step-*.png | tail -1)" "$OUT/meta_prompts_${task}_heldout.png"
   echo "== MetaPrompts $task: predictions -> $OUT/meta_prompts_${task}_pred"
   $ICD infer --model "$run/model" --image "$scene/00000.png" --image assets/samples/coffee_cc0.png --out "$OUT/meta_prompts_${task}_pred"
-  echo "== MetaPrompts $task: evaluation on 100 held-out scenes"
-  $ICD eval --model "$run/model" --num-samples 100 --out "$OUT/meta_prompts_${task}_eval"
+  echo "== MetaPrompts $task: evaluation on 20 held-out scenes"
+  $ICD eval --model "$run/model" --num-samples 20 --out "$OUT/meta_prompts_${task}_eval"
 done

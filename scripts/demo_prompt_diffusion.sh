@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Prompt Diffusion demo: train prompt_diffusion-tiny briefly on synthetic scene families, then apply
 # an unseen task (canny -> image) and a trained one (image -> depth) to held-out scenes with --grid
-# (steps and guidance: the model's exported defaults), and run the in-context evaluation.
+# (steps and guidance: the model's exported defaults). The in-context evaluation runs on the shipped
+# assets/tiny-prompt-diffusion (scripts/demo.sh); a run this short shows that training works.
 set -euo pipefail
 OUT=${OUT:-outputs/demo}
 ICD=".venv/bin/icd"
-STEPS=${PD_DEMO_STEPS:-300}
+STEPS=${PD_DEMO_STEPS:-200}
 RUN="$OUT/prompt_diffusion/run"
 mkdir -p "$OUT/prompt_diffusion"
 rm -rf "$RUN"
@@ -36,7 +37,4 @@ for task in canny_to_image image_to_depth; do
     --query "$D/${task}_query.png" --prompt "$(cat "$D/${task}_caption.txt")" --seed 0 \
     --out "$D/${task}.png" --grid
 done
-echo "== in-context metrics on 4 held-out scene families (the eight tasks; -n 100 is the protocol)"
-$ICD eval --model "$RUN/model" -n 4 --out "$OUT/prompt_diffusion/eval"
-echo "Prompt Diffusion pictures: $OUT/prompt_diffusion/canny_to_image_grid.png, image_to_depth_grid.png,"
-echo "  eval/in_context.png (one query scene under the eight example pairs), eval/confusion_matrix.png"
+echo "Prompt Diffusion pictures (the short run): $OUT/prompt_diffusion/canny_to_image_grid.png, image_to_depth_grid.png"
