@@ -41,8 +41,8 @@ TEXT=$(.venv/bin/python -c "import json; print(json.loads(open('$OUT/scene/metad
 echo "image $IMAGE, text \"$TEXT\""
 "$ICD" infer --model "$RUNS/diff_prompt_grounding-tiny/model" --image "$IMAGE" --text "$TEXT" --out "$OUT/grounding.png" --grid
 
-echo "== evaluation on $N held-out synthetic scenes (seeds >= 1,000,000; docs/diff_prompt.md uses 100)"
 N=${EVAL_SCENES:-20}
+echo "== evaluation on $N held-out synthetic scenes (seeds >= 1,000,000; docs/diff_prompt.md uses 100)"
 "$ICD" eval --model "$RUNS/diff_prompt_mask_vae-tiny/model" --num-samples "$N" --tasks all --out "$OUT/eval_mask_vae"
 "$ICD" eval --model "$RUNS/diff_prompt_dit-tiny/model" --num-samples "$N" --tasks all --out "$OUT/eval_dit"
 for model in grounding_host-tiny vpt_deep-tiny diff_prompt_grounding-tiny; do
