@@ -24,13 +24,13 @@ train_if_missing() {  # recipe, output dir, extra --set overrides for the short 
 }
 
 SHORT="data.num_samples=300"
-train_if_missing diff_prompt_mask_vae-tiny "$RUNS/diff_prompt_mask_vae-tiny" $SHORT train.max_steps=200
-train_if_missing diff_prompt_dit-tiny "$RUNS/diff_prompt_dit-tiny" $SHORT train.max_steps=300 \
+train_if_missing diff_prompt_mask_vae-tiny "$RUNS/diff_prompt_mask_vae-tiny" $SHORT train.max_steps=100
+train_if_missing diff_prompt_dit-tiny "$RUNS/diff_prompt_dit-tiny" $SHORT train.max_steps=150 \
   "model.mask_vae=$RUNS/diff_prompt_mask_vae-tiny/model"
-train_if_missing grounding_host-tiny "$RUNS/grounding_host-tiny" $SHORT train.max_steps=300
-train_if_missing diff_prompt_grounding-tiny "$RUNS/diff_prompt_grounding-tiny" $SHORT train.max_steps=100 \
+train_if_missing grounding_host-tiny "$RUNS/grounding_host-tiny" $SHORT train.max_steps=150
+train_if_missing diff_prompt_grounding-tiny "$RUNS/diff_prompt_grounding-tiny" $SHORT train.max_steps=40 \
   "model.host=$RUNS/grounding_host-tiny/model" "model.prompt_generator=$RUNS/diff_prompt_dit-tiny/model"
-train_if_missing diff_prompt_grounding-tiny "$RUNS/vpt_deep-tiny" $SHORT train.max_steps=100 model.method=vpt_deep \
+train_if_missing diff_prompt_grounding-tiny "$RUNS/vpt_deep-tiny" $SHORT train.max_steps=40 model.method=vpt_deep \
   "model.host=$RUNS/grounding_host-tiny/model"
 
 echo "== a held-out scene and one of its referring expressions"
@@ -41,7 +41,7 @@ TEXT=$(.venv/bin/python -c "import json; print(json.loads(open('$OUT/scene/metad
 echo "image $IMAGE, text \"$TEXT\""
 "$ICD" infer --model "$RUNS/diff_prompt_grounding-tiny/model" --image "$IMAGE" --text "$TEXT" --out "$OUT/grounding.png" --grid
 
-N=${EVAL_SCENES:-20}
+N=${EVAL_SCENES:-10}
 echo "== evaluation on $N held-out synthetic scenes (seeds >= 1,000,000; docs/diff_prompt.md uses 100)"
 "$ICD" eval --model "$RUNS/diff_prompt_mask_vae-tiny/model" --num-samples "$N" --tasks all --out "$OUT/eval_mask_vae"
 "$ICD" eval --model "$RUNS/diff_prompt_dit-tiny/model" --num-samples "$N" --tasks all --out "$OUT/eval_dit"

@@ -6,12 +6,12 @@
 set -euo pipefail
 OUT=${OUT:-outputs/demo}
 ICD=".venv/bin/icd"
-STEPS=${PD_DEMO_STEPS:-200}
+STEPS=${PD_DEMO_STEPS:-100}
 RUN="$OUT/prompt_diffusion/run"
 mkdir -p "$OUT/prompt_diffusion"
 rm -rf "$RUN"
 echo "== training prompt_diffusion-tiny for $STEPS steps -> $RUN"
-$ICD train --recipe prompt_diffusion-tiny --set train.max_steps="$STEPS" --set output_dir="$RUN" \
+$ICD train --recipe prompt_diffusion-tiny --set train.max_steps="$STEPS" --set output_dir="$RUN" --set data.num_samples=800 \
   --set train.validate_every="$STEPS" --set train.checkpoint_every="$STEPS"
 echo "== held-out example pairs (scene seeds >= 1_000_000)"
 .venv/bin/python - "$OUT/prompt_diffusion" <<'PY'
