@@ -27,7 +27,7 @@ if shipped tiny-prompt-diffusion; then
   $ICD eval --model tiny-prompt-diffusion -n 4 --out "$OUT/shipped/tiny-prompt-diffusion_eval"
 fi
 if shipped tiny-diff-prompt; then
-  echo "== tiny-diff-prompt: a held-out scene and one of its referring expressions -> $OUT/shipped/tiny-diff-prompt_grid.png"
+  echo "== tiny-diff-prompt: a held-out scene and one of its referring expressions -> $OUT/shipped/tiny-diff-prompt.png (box), _mask.png, _trajectory.png"
   $ICD data synth --out "$OUT/shipped/grounding_scene" --n 1 --size 32 --seed 1000007 --min-objects 2 --max-objects 3
   IMAGE="$OUT/shipped/grounding_scene/$(.venv/bin/python -c "import json,sys; print(json.loads(open(sys.argv[1]).readline())['file_name'])" "$OUT/shipped/grounding_scene/metadata.jsonl")"
   TEXT=$(.venv/bin/python -c "import json,sys; print(json.loads(open(sys.argv[1]).readline())['referring'][0]['text'])" "$OUT/shipped/grounding_scene/metadata.jsonl")

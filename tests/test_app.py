@@ -1,7 +1,6 @@
 """`icd app`: each tab's function on micro models made by the recipes, then the app through Gradio's own client."""
 
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ from PIL import Image
 
 pytest.importorskip("gradio", reason="the app's extra is not installed: pip install 'incontext_diffusion[app]'")
 
+from cli_helpers import free_port  # noqa: E402
 from incontext_diffusion import app  # noqa: E402
 from incontext_diffusion.core.components import save_components  # noqa: E402
 from incontext_diffusion.core.head import load_head  # noqa: E402
@@ -170,12 +170,6 @@ def test_gallery_has_held_out_pairs_for_every_task(models, tmp_path):
     assert np.array_equal(load_map(pairs[0].source), first["example_source"]) and np.array_equal(load_map(pairs[0].query), first["query"])
     seg = next(p for p in pairs if p.task == "image_to_seg")
     assert seg.text == ""  # the tiny recipe's text for forward tasks
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_the_app_through_gradios_client(micro_models, scene_png, tmp_path):

@@ -41,7 +41,7 @@ def model_dirs(tmp_path_factory) -> list[str]:
 @pytest.fixture(scope="module")
 def app_url(model_dirs, tmp_path_factory):
     """`icd app` started as a user would, on a free port; stopped (SIGTERM) at the end."""
-    from test_app import free_port
+    from cli_helpers import free_port
 
     port = free_port()
     log = open(tmp_path_factory.mktemp("app_log") / "app.log", "w+")

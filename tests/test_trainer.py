@@ -18,7 +18,7 @@ from incontext_diffusion.core.trainer import train
 from incontext_diffusion.errors import UserError
 from incontext_diffusion.recipes import Recipe
 
-from cli_helpers import kill_at_first_checkpoint
+from cli_helpers import free_port, kill_at_first_checkpoint
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
 MICRO = ["--recipe", "tiny_ldm-micro", "--set", "train.max_steps=8", "--set", "train.checkpoint_every=2"]
@@ -193,11 +193,11 @@ def test_two_process_cpu_launch(tmp_path):
     out = tmp_path / "ddp"
     result = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),  # not 29500: it may be taken
          "-m", "incontext_diffusion", "train", "--recipe", "tiny_ldm-micro", "--set", "train.max_steps=4", "--set", f"output_dir={out}"],
         env={**ENV, "ACCELERATE_USE_CPU": "true"}, capture_output=True, text=True, timeout=300,
     )
-    assert result.stdout.count("model written to") == 1  # rank 0 speaks for the run
+    assert result.stdout.count("model written to") == 1, result.stderr[-3000:]  # rank 0 speaks for the run
     assert result.returncode == 0, result.stderr[-2000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     # Each step consumed one batch per process.
