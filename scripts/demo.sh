@@ -26,13 +26,7 @@ if shipped tiny-prompt-diffusion; then
   echo "== tiny-prompt-diffusion: one query under the eight example pairs (six trained tasks, two unseen) -> $OUT/shipped/tiny-prompt-diffusion_eval/in_context.png"
   $ICD eval --model tiny-prompt-diffusion -n 4 --out "$OUT/shipped/tiny-prompt-diffusion_eval"
 fi
-if shipped tiny-diff-prompt; then
-  echo "== tiny-diff-prompt: a held-out scene and one of its referring expressions -> $OUT/shipped/tiny-diff-prompt.png (box), _mask.png, _trajectory.png"
-  $ICD data synth --out "$OUT/shipped/grounding_scene" --n 1 --size 32 --seed 1000007 --min-objects 2 --max-objects 3
-  IMAGE="$OUT/shipped/grounding_scene/$(.venv/bin/python -c "import json,sys; print(json.loads(open(sys.argv[1]).readline())['file_name'])" "$OUT/shipped/grounding_scene/metadata.jsonl")"
-  TEXT=$(.venv/bin/python -c "import json,sys; print(json.loads(open(sys.argv[1]).readline())['referring'][0]['text'])" "$OUT/shipped/grounding_scene/metadata.jsonl")
-  echo "   image $IMAGE, text \"$TEXT\""
-  $ICD infer --model tiny-diff-prompt --image "$IMAGE" --text "$TEXT" --out "$OUT/shipped/tiny-diff-prompt.png" --grid
+if shipped tiny-diff-prompt; then  # its box, mask and trajectory: scripts/demo_diff_prompt.sh, beside the short run's on the same scene
   $ICD eval --model tiny-diff-prompt -n 20 --out "$OUT/shipped/tiny-diff-prompt_eval"
 fi
 echo "== short training runs of every head from the shipped backbone (these show that training works, not the best figures)"

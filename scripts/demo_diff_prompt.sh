@@ -40,6 +40,10 @@ IMAGE="$OUT/scene/$(.venv/bin/python -c "import json; print(json.loads(open('$OU
 TEXT=$(.venv/bin/python -c "import json; print(json.loads(open('$OUT/scene/metadata.jsonl').readline())['referring'][0]['text'])")
 echo "image $IMAGE, text \"$TEXT\""
 "$ICD" infer --model "$RUNS/diff_prompt_grounding-tiny/model" --image "$IMAGE" --text "$TEXT" --out "$OUT/grounding.png" --grid
+if [ -f assets/tiny-diff-prompt/model_index.json ]; then
+  echo "== the same scene and expression with the shipped tiny-diff-prompt -> $OUT/grounding_shipped.png (box), _mask.png, _trajectory.png"
+  "$ICD" infer --model tiny-diff-prompt --image "$IMAGE" --text "$TEXT" --out "$OUT/grounding_shipped.png" --grid
+fi
 
 N=${EVAL_SCENES:-10}
 echo "== evaluation on $N held-out synthetic scenes (seeds >= 1,000,000; docs/diff_prompt.md uses 100)"
