@@ -74,3 +74,19 @@ def test_export_stores_the_recipes_defaults_and_eval_adds_vae_rmse_and_speed(tmp
     expected = vae_reconstruction_rmse(head.model.vae, num_scenes=2)
     assert {m: results[f"vae_reconstruction_rmse/{m}"] for m in VAE_MODALITIES} == pytest.approx(expected)
     assert results["images_per_second"] > 0 and results["batch_size"] == 2 and results["device"] == "cpu"
+
+
+def test_continuing_a_backbone_keeps_its_latent_scale_unless_the_vae_trains_again(tmp_path):
+    source = load_head(load_recipe("tiny_ldm-micro", [f"output_dir={tmp_path / 'run'}", "data.num_samples=4"]))
+    source.build()
+    source.model.latent_scale.fill_(0.37)  # as measured on its first UNet step
+    (tmp_path / "source").mkdir()
+    source.export(source.model, tmp_path / "source")
+
+    def continued(vae_steps: int) -> float:
+        head = load_head(load_recipe("tiny_ldm-micro", [f"output_dir={tmp_path / 'next'}", f"backbone={tmp_path / 'source'}", f"model.vae_steps={vae_steps}", "data.num_samples=4"]))
+        head.build()
+        return float(head.model.latent_scale)
+
+    assert continued(vae_steps=0) == pytest.approx(0.37)  # the UNet goes on learning on the same latents
+    assert continued(vae_steps=3) == 0.0  # a VAE that trains again is measured again on the first UNet step

@@ -114,6 +114,9 @@ class TinyLDMHead(Head):
         else:  # continue training an existing backbone
             self.components = load_components(self.recipe.backbone)
         self.model = TinyLDM(self.components, self.options, self.tokenize([""]))
+        if self.recipe.backbone not in (None, "scratch") and self.options.vae_steps == 0:
+            # The loaded UNet learned on latents at the VAE's scaling factor: keep it, not a re-measured one.
+            self.model.latent_scale.fill_(self.components.vae.config.scaling_factor)
         data = self.recipe.data
         scenes = SynthScenesDataset(data.num_samples, size=data.size, seed=data.seed, min_objects=data.min_objects, max_objects=data.max_objects)
         # Rendered once up front (maps as uint8, a sixth of the float size): a step then costs the
@@ -217,7 +220,8 @@ SHAPE_JUDGE = "tiny-meta-prompts-seg"
 
 def evaluate_text_to_image(model_dir: Path, num_samples: int, steps: int, guidance: float, seed: int = 0, batch_size: int | None = None) -> dict:
     """`icd eval` for a text-to-image model trained on synthetic scenes: colour agreement (and shape
-    agreement, judged by the shipped segmentation model) of `num_samples` generated one-object images,
+    agreement, judged by the shipped segmentation model, beside the judge's score on rendered scenes)
+    of `num_samples` generated one-object images,
     the VAE's reconstruction RMSE per modality on as many held-out scenes, and the pipeline's speed."""
     from ...core.model_folder import ASSETS, load_pipeline as load_any_pipeline
     from ...metrics.generation import shape_agreement
@@ -231,6 +235,10 @@ def evaluate_text_to_image(model_dir: Path, num_samples: int, steps: int, guidan
         judge = load_any_pipeline(SHAPE_JUDGE)
         labels = judge(list(images)).prediction  # N x H x W class ids
         results["shape_agreement"] = shape_agreement(list(labels), [caption.split()[3] for caption in captions], CLASSES)  # the synthetic scenes the judge was trained on
+        # The judge's own score on as many rendered one-object scenes: the ceiling of the figure above.
+        scenes = [render_scene(1_000_000 + index, size=images.shape[1], min_objects=1, max_objects=1) for index in range(num_samples)]
+        real_labels = judge([scene.rgb for scene in scenes]).prediction
+        results["shape_agreement/rendered_scenes"] = shape_agreement(list(real_labels), [scene.objects[0].shape for scene in scenes], CLASSES)
         results["shape_judge"] = SHAPE_JUDGE
     rmse = vae_reconstruction_rmse(pipe.vae, num_scenes=num_samples)
     return {**results, "num_samples": num_samples, "steps": steps, "guidance_scale": guidance,
