@@ -109,12 +109,13 @@ class TinyLDMHead(Head):
     has_unused_parameters = True  # each stage trains only part of the module
 
     def build(self) -> None:
-        if self.recipe.backbone in (None, "scratch"):
+        from_scratch = self.recipe.backbone in (None, "scratch")
+        if from_scratch:
             self.components = tiny.build_components(caption_vocabulary(), self.recipe.run_dir() / "tokenizer", self.options.scale)
         else:  # continue training an existing backbone
             self.components = load_components(self.recipe.backbone)
         self.model = TinyLDM(self.components, self.options, self.tokenize([""]))
-        if self.recipe.backbone not in (None, "scratch") and self.options.vae_steps == 0:
+        if not from_scratch and self.options.vae_steps == 0:
             # The loaded UNet learned on latents at the VAE's scaling factor: keep it, not a re-measured one.
             self.model.latent_scale.fill_(self.components.vae.config.scaling_factor)
         data = self.recipe.data
@@ -221,8 +222,8 @@ SHAPE_JUDGE = "tiny-meta-prompts-seg"
 def evaluate_text_to_image(model_dir: Path, num_samples: int, steps: int, guidance: float, seed: int = 0, batch_size: int | None = None) -> dict:
     """`icd eval` for a text-to-image model trained on synthetic scenes: colour agreement (and shape
     agreement, judged by the shipped segmentation model, beside the judge's score on rendered scenes)
-    of `num_samples` generated one-object images,
-    the VAE's reconstruction RMSE per modality on as many held-out scenes, and the pipeline's speed."""
+    of `num_samples` generated one-object images, the VAE's reconstruction RMSE per modality on as many
+    held-out scenes, and the pipeline's speed."""
     from ...core.model_folder import ASSETS, load_pipeline as load_any_pipeline
     from ...metrics.generation import shape_agreement
 
