@@ -20,7 +20,7 @@ CHECKS = {
     "tiny-meta-prompts-depth": (["-n", "4"], "abs_rel", 0.04, "max"),
     # mIoU: card 0.901; every pixel "floor" scores 0.111.
     "tiny-meta-prompts-seg": (["-n", "4"], "mIoU", 0.6, "min"),
-    # image -> depth RMSE: card 0.0254 (20 steps); the constant mean map scores 0.068, copying the example 0.076.
+    # image -> depth RMSE: card 0.0251 (20 steps); the constant mean map scores 0.068, copying the example 0.076.
     "tiny-prompt-diffusion": (["-n", "4", "--tasks", "image_to_depth", "--steps", "10"], "image_to_depth/rmse", 0.045, "max"),
     # the DiT's generated-mask IoU: card 0.83 on unique-attribute expressions; the recipe's first run 0.08.
     "tiny-diff-prompt": (["-n", "4", "--tasks", "unique", "--steps", "10"], "unique mask IoU", 0.6, "min"),
